@@ -1,0 +1,144 @@
+"""Autoregressive generation: chunked prefill, one-token decode steps and the loop over them.
+
+Shaped after gpt-fast's generate.py: `prefill`, `decode_one_token` and `sample` are small functions;
+the KV cache is allocated once per request and passed explicitly. Ragged batches are left-padded,
+padding marked with position -1 (see model.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import GenerationError
+from .model import KVCache, Transformer
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class GenerationStats:
+    """Token counts and wall-clock seconds of the two phases (prefill counts all prompt tokens)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Generated tokens after the first (which prefill produces) per decode second, all rows together."""
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@torch.no_grad()
+def prefill(
+    model: Transformer, tokens_BT: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache, chunk_size: int
+) -> torch.Tensor:
+    """Run the prompt through the model in chunks of at most `chunk_size` tokens (so attention never
+    materialises a T×T matrix for a long prompt); returns the last position's logits [B, V]."""
+    logits = None
+    for start in range(0, tokens_BT.shape[1], chunk_size):
+        end = start + chunk_size
+        out = model(tokens_BT[:, start:end], cache=cache, positions=positions_BT[:, start:end], keep_logits=1)
+        logits = out.logits[:, -1]
+    assert logits is not None
+    return logits
+
+
+@torch.no_grad()
+def decode_one_token(
+    model: Transformer, token_B: torch.Tensor, position_B: torch.Tensor, cache: KVCache
+) -> torch.Tensor:
+    """One decode step: logits [B, V] for the next position."""
+    return model(token_B[:, None], cache=cache, positions=position_B[:, None]).logits[:, -1]
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), T, dtype=torch.long)
+    positions = torch.full((len(prompts), T), -1, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        positions[b, T - len(p) :] = torch.arange(len(p))
+    return tokens.to(device), positions.to(device)
+
+
+def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Clear errors for requests the model cannot serve, before any compute."""
+    if not prompts:
+        raise GenerationError("no prompts given")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    context = model.config.max_seq_len
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerationError(f"prompt {i} is empty")
+        if len(p) + max_new_tokens > context:
+            raise GenerationError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"{len(p) + max_new_tokens}, beyond the model context of {context} tokens"
+            )
+
+
+def generate_ids(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 128,
+    eos_id: int | None = None,
+    chunk_size: int = 512,
+    stats: GenerationStats | None = None,
+    should_stop: Callable[[int, int], bool] | None = None,
+) -> Iterator[list[int | None]]:
+    """Yield, per step, the new token of every row (None for rows already finished).
+
+    A row finishes on `eos_id` (yielded, then None), after `max_new_tokens`, or when
+    `should_stop(row, token)` says so (the caller's stop strings). `stats` is filled in place.
+    """
+    check_request(model, prompts, max_new_tokens)
+    stats = stats if stats is not None else GenerationStats()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    tokens, positions = _left_pad(prompts, device)
+    B, T = tokens.shape
+    cache = KVCache.allocate(model.config, B, T + max_new_tokens, dtype=dtype, device=device)
+    generator = params.generator(device)
+    stats.prompt_tokens += sum(len(p) for p in prompts)
+
+    t0 = time.perf_counter()
+    next_B = sample(prefill(model, tokens, positions, cache, chunk_size), params, generator)
+    stats.prefill_seconds += time.perf_counter() - t0
+    position_B = positions[:, -1] + 1
+    done = [False] * B
+    for step in range(max_new_tokens):
+        row_tokens = next_B.tolist()
+        out: list[int | None] = [None if d else t for d, t in zip(done, row_tokens, strict=True)]
+        for b, t in enumerate(out):
+            if t is not None and (t == eos_id or (should_stop is not None and should_stop(b, t))):
+                done[b] = True
+        if step:
+            stats.generated_tokens += sum(t is not None for t in out)
+        yield out
+        if all(done) or step == max_new_tokens - 1:
+            return
+        t0 = time.perf_counter()
+        next_B = sample(decode_one_token(model, next_B, position_B, cache), params, generator)
+        position_B = position_B + 1
+        stats.decode_seconds += time.perf_counter() - t0
+
+
+@dataclass
+class Generation:
+    """One completed request: text (stop string excluded), generated ids, why it ended, timings."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos", "stop" or "length"
+    stats: GenerationStats = field(default_factory=GenerationStats)

@@ -1,0 +1,88 @@
+"""Every MoE dispatch path equals the reference loop, forward and backward; routing follows the paper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixtral.moe import DISPATCH, MoE, dispatch_loop, route
+
+
+def _weights(E: int, D: int, F: int):
+    return [torch.randn(E, F, D) * 0.2, torch.randn(E, F, D) * 0.2, torch.randn(E, D, F) * 0.2]
+
+
+@pytest.mark.parametrize("name", sorted(set(DISPATCH) - {"loop"}))
+@pytest.mark.parametrize(
+    ("T", "E", "K", "skew"),
+    [(1, 8, 2, False), (2, 8, 1, False), (7, 4, 2, False), (64, 8, 2, False), (33, 8, 2, True), (16, 8, 3, False)],
+)
+def test_dispatch_matches_reference_forward_and_backward(name, T, E, K, skew):
+    D, F = 16, 24
+    x = torch.randn(T, D, requires_grad=True)
+    logits = torch.randn(T, E, requires_grad=True)
+    if skew:  # only experts 0..2 ever chosen: the others receive no token
+        with torch.no_grad():
+            logits[:, 3:] -= 100.0
+    ws = [w.requires_grad_() for w in _weights(E, D, F)]
+    results = []
+    for fn in (dispatch_loop, DISPATCH[name]):
+        weights, ids = route(logits, K)
+        y = fn(x, ids, weights, *ws)
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, logits, *ws])
+        results.append((y, grads, ids))
+    (y_ref, g_ref, ids), (y, g, _) = results
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    if skew:
+        unused = sorted(set(range(E)) - set(ids.flatten().tolist()))
+        assert unused, "the skewed router must leave some experts without tokens"
+        for w_grad in g[2:]:
+            assert torch.all(w_grad[unused] == 0)
+
+
+def test_route_is_softmax_over_topk_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.0, 0.0, 5.0, 4.0]])
+    weights, ids = route(logits, 2)
+    assert ids.tolist() == [[1, 2], [2, 3]]
+    expected = torch.softmax(torch.tensor([[3.0, 2.0], [5.0, 4.0]]), dim=-1)
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+    # Equal to HF's form: softmax over all, take top-k, renormalise.
+    probs = torch.softmax(logits, dim=-1).topk(2).values
+    torch.testing.assert_close(weights, probs / probs.sum(-1, keepdim=True))
+
+
+def test_top1_weight_is_one():
+    weights, _ = route(torch.randn(5, 8), 1)
+    assert torch.all(weights == 1.0)
+
+
+def test_moe_layer_equals_explicit_formula():
+    """y = Σ_i G(x)_i SwiGLU_i(x) with exactly top_k non-zero gates per token (paper eq. 1-2)."""
+    torch.manual_seed(1)
+    layer = MoE(dim=12, hidden_dim=20, n_experts=6, top_k=2)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, 12)
+    y, logits = layer(x)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 5, 6)
+    x_flat = x.reshape(-1, 12)
+    gate_logits = x_flat @ layer.gate.weight.T
+    kth = gate_logits.topk(2).values[:, -1:]
+    G = torch.softmax(gate_logits.masked_fill(gate_logits < kth, float("-inf")), dim=-1)
+    assert torch.all((G > 0).sum(-1) == 2)
+    e = layer.experts
+    expected = sum(
+        G[:, i, None]
+        * (torch.nn.functional.silu(x_flat @ e.w1[i].T) * (x_flat @ e.w3[i].T)) @ e.w2[i].T
+        for i in range(6)
+    )
+    torch.testing.assert_close(y.reshape(-1, 12), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_router_is_fp32_under_bf16():
+    layer = MoE(dim=8, hidden_dim=8, n_experts=4, top_k=2).to(torch.bfloat16)
+    y, logits = layer(torch.randn(1, 3, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and logits.dtype == torch.float32

@@ -90,7 +90,7 @@ def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
 def generate_ids(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams | None = None,
     max_new_tokens: int = 128,
     eos_id: int | None = None,
     chunk_size: int = 512,
@@ -103,6 +103,7 @@ def generate_ids(
     `should_stop(row, token)` says so (the caller's stop strings). `stats` is filled in place.
     """
     check_request(model, prompts, max_new_tokens)
+    params = params if params is not None else SamplingParams()
     stats = stats if stats is not None else GenerationStats()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype

@@ -150,9 +150,7 @@ class Block(nn.Module):
         return h + moe_out, router_logits
 
 
-def _attention_mask(
-    positions_BT: torch.Tensor, cache: KVCache | None, padded: bool
-) -> torch.Tensor | None:
+def _attention_mask(positions_BT: torch.Tensor, cache: KVCache | None, padded: bool) -> torch.Tensor | None:
     """Bool [B, 1, T, S] mask, or None when plain causal attention is exact."""
     B, T = positions_BT.shape
     start = cache.length if cache is not None else 0
@@ -238,7 +236,9 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         V = self.config.vocab_size
         if not torch.compiler.is_compiling() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
-            raise ValueError(f"token ids must lie in [0, {V}); got range [{int(tokens.min())}, {int(tokens.max())}]")
+            raise ValueError(
+                f"token ids must lie in [0, {V}); got range [{int(tokens.min())}, {int(tokens.max())}]"
+            )
         start = cache.length if cache is not None else 0
         if cache is not None:
             if cache.k.shape[1] != B:

@@ -67,7 +67,9 @@ def test_eos_stops_a_row_and_others_continue(model):
 
 def test_should_stop_and_stats(model):
     stats = GenerationStats()
-    steps = list(generate_ids(model, [[1, 2, 3]], max_new_tokens=10, stats=stats, should_stop=lambda b, t: True))
+    steps = list(
+        generate_ids(model, [[1, 2, 3]], max_new_tokens=10, stats=stats, should_stop=lambda b, t: True)
+    )
     assert len(steps) == 1 and stats.prompt_tokens == 3 and stats.generated_tokens == 0
     stats = GenerationStats()
     list(generate_ids(model, [[1, 2, 3], [4, 5]], max_new_tokens=5, stats=stats))

@@ -21,7 +21,9 @@ def test_cache_decoding_equals_full_recomputation(changes):
     with torch.no_grad():
         full = model(tokens)
         cache = KVCache.allocate(model.config, 3, 32)
-        chunks = [model(tokens[:, a:b], cache=cache) for a, b in [(0, 7), (7, 13), (13, 14), (14, 15), (15, 20)]]
+        chunks = [
+            model(tokens[:, a:b], cache=cache) for a, b in [(0, 7), (7, 13), (13, 14), (14, 15), (15, 20)]
+        ]
     logits = torch.cat([c.logits for c in chunks], dim=1)
     router = torch.cat([c.router_logits for c in chunks], dim=2)
     torch.testing.assert_close(logits, full.logits, atol=1e-5, rtol=0)

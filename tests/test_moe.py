@@ -15,7 +15,14 @@ def _weights(E: int, D: int, F: int):
 @pytest.mark.parametrize("name", sorted(set(DISPATCH) - {"loop"}))
 @pytest.mark.parametrize(
     ("T", "E", "K", "skew"),
-    [(1, 8, 2, False), (2, 8, 1, False), (7, 4, 2, False), (64, 8, 2, False), (33, 8, 2, True), (16, 8, 3, False)],
+    [
+        (1, 8, 2, False),
+        (2, 8, 1, False),
+        (7, 4, 2, False),
+        (64, 8, 2, False),
+        (33, 8, 2, True),
+        (16, 8, 3, False),
+    ],
 )
 def test_dispatch_matches_reference_forward_and_backward(name, T, E, K, skew):
     D, F = 16, 24
@@ -75,8 +82,7 @@ def test_moe_layer_equals_explicit_formula():
     assert torch.all((G > 0).sum(-1) == 2)
     e = layer.experts
     expected = sum(
-        G[:, i, None]
-        * (torch.nn.functional.silu(x_flat @ e.w1[i].T) * (x_flat @ e.w3[i].T)) @ e.w2[i].T
+        G[:, i, None] * (torch.nn.functional.silu(x_flat @ e.w1[i].T) * (x_flat @ e.w3[i].T)) @ e.w2[i].T
         for i in range(6)
     )
     torch.testing.assert_close(y.reshape(-1, 12), expected, atol=1e-5, rtol=1e-5)

@@ -16,6 +16,7 @@ import torch
 from .errors import GenerationError
 from .model import KVCache, Transformer
 from .sampling import SamplingParams, sample
+from .tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclass
@@ -143,3 +144,127 @@ class Generation:
     token_ids: list[int]
     finish_reason: str  # "eos", "stop" or "length"
     stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class _TextRow:
+    """Incremental text of one row: decodes tokens, finds stop strings, holds back a possible stop prefix."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
+        self.decoder = StreamDecoder(tokenizer)
+        self.stop = [s for s in stop if s]
+        self.text = ""
+        self.emitted = 0
+        self.ids: list[int] = []
+        self.finish_reason = "length"
+
+    def push(self, token: int, eos_id: int | None) -> bool:
+        """Add a token; True when the row is finished by EOS or a stop string."""
+        self.ids.append(token)
+        if token == eos_id:
+            self.finish_reason = "eos"
+            return True
+        self.text += self.decoder.push(token)
+        window = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+        hits = [i for s in self.stop if (i := self.text.find(s, window)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.finish_reason = "stop"
+            return True
+        return False
+
+    def take(self, final: bool) -> str:
+        """Text that is safe to show now (everything, when final)."""
+        if final and self.finish_reason == "length":
+            self.text += self.decoder.flush()
+        end = len(self.text)
+        if not final:
+            for s in self.stop:  # hold back a tail that could still grow into a stop string
+                for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:n]):
+                        end = min(end, len(self.text) - n)
+                        break
+        piece, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
+        return piece
+
+
+def _encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    return [tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompts]
+
+
+def _text_events(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    rows: list[_TextRow],
+    params: SamplingParams,
+    max_new_tokens: int,
+    chunk_size: int,
+    stats: GenerationStats,
+) -> Iterator[list[str]]:
+    """Drive `generate_ids`, yielding each row's newly showable text after every step."""
+    finished = [False] * len(rows)
+
+    def should_stop(b: int, token: int) -> bool:
+        finished[b] = rows[b].push(token, tokenizer.eos_id)
+        return finished[b]
+
+    ids = _encode_prompts(tokenizer, prompts)
+    steps = generate_ids(
+        model, ids, params, max_new_tokens, None, chunk_size, stats, should_stop
+    )  # EOS is handled by the rows, so that it ends up in `ids` but never in the text
+    for step, _ in enumerate(steps):
+        last = step == max_new_tokens - 1
+        yield [r.take(final=finished[b] or last) for b, r in enumerate(rows)]
+
+
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: str | Sequence[str | Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    chunk_size: int = 512,
+) -> Generation | list[Generation]:
+    """Generate for one prompt (str → Generation) or a batch (list → list[Generation]).
+
+    A prompt is text (encoded with BOS) or a list of token ids (used as is, e.g. from encode_chat).
+    """
+    single = isinstance(prompts, str)
+    batch = [prompts] if single else list(prompts)
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    stats = GenerationStats()
+    rows = [_TextRow(tokenizer, stop) for _ in batch]
+    texts = [""] * len(batch)
+    for pieces in _text_events(model, tokenizer, batch, rows, params, max_new_tokens, chunk_size, stats):
+        texts = [t + p for t, p in zip(texts, pieces, strict=True)]
+    results = [Generation(t, r.ids, r.finish_reason, stats) for t, r in zip(texts, rows, strict=True)]
+    return results[0] if single else results
+
+
+def stream(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    chunk_size: int = 512,
+    stats: GenerationStats | None = None,
+) -> Iterator[str]:
+    """Yield the generated text of one prompt piece by piece as it is produced (never a partial
+    UTF-8 character, never text past or inside a stop string). `stats` is filled if given."""
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    stats = stats if stats is not None else GenerationStats()
+    rows = [_TextRow(tokenizer, stop)]
+    for pieces in _text_events(model, tokenizer, [prompt], rows, params, max_new_tokens, chunk_size, stats):
+        if pieces[0]:
+            yield pieces[0]

@@ -87,3 +87,54 @@ def test_prompt_beyond_context_names_both_numbers():
 def test_bad_requests(model, prompts, n, match):
     with pytest.raises(GenerationError, match=match):
         list(generate_ids(model, prompts, max_new_tokens=n))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from mixtral.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+def _vocab_model():
+    torch.manual_seed(3)
+    return Transformer(tiny_config(vocab_size=32000, dim=48)).eval()
+
+
+def test_text_generate_stream_and_batch_agree(tok):
+    from mixtral.generate import generate, stream
+
+    model = _vocab_model()
+    single = generate(model, tok, "Bonjour, je suis", max_new_tokens=12)
+    assert single.finish_reason == "length" and len(single.token_ids) == 12
+    assert single.text == tok.decode(single.token_ids)
+    pieces = list(stream(model, tok, "Bonjour, je suis", max_new_tokens=12))
+    assert "".join(pieces) == single.text and all(pieces)
+    batch = generate(model, tok, ["Bonjour, je suis", "def f(x):"], max_new_tokens=12)
+    assert batch[0].text == single.text and batch[0].token_ids == single.token_ids
+
+
+def test_stop_string_truncates_and_stream_never_shows_it(tok):
+    from mixtral.generate import generate, stream
+
+    model = _vocab_model()
+    free = generate(model, tok, "Once upon a time", max_new_tokens=16)
+    stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
+    assert len(stop) == 3
+    cut = generate(model, tok, "Once upon a time", max_new_tokens=16, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.index(stop)]
+    pieces = list(stream(model, tok, "Once upon a time", max_new_tokens=16, stop=[stop]))
+    assert "".join(pieces) == cut.text
+    assert all(stop not in p for p in pieces)
+
+
+def test_eos_ends_text_generation(tok):
+    from mixtral.generate import generate
+
+    model = _vocab_model()
+    with torch.no_grad():  # make EOS the model's favourite token
+        model.output.weight[tok.eos_id] = model.output.weight.mean(0) + 5 * model.norm.weight
+    out = generate(model, tok, "Hello", max_new_tokens=8)
+    assert out.finish_reason == "eos" and out.token_ids[-1] == tok.eos_id
+    assert out.text == tok.decode(out.token_ids)

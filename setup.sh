@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv with the CPU build of torch first (a bare `torch>=` requirement would otherwise pull a
+# multi-GB CUDA build), then install this package with its test and transformers extras. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+fi
+.venv/bin/python -m pip install -q -e ".[dev]"
+echo "setup done: $(.venv/bin/python -c 'import torch, mixtral; print("torch", torch.__version__)')"

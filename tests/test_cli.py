@@ -1,0 +1,89 @@
+"""The command line: info without allocation, generate/convert/chat on a small saved model, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from mixtral.checkpoint import save_model
+from mixtral.cli import main
+from mixtral.model import Transformer
+from mixtral.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cli") / "model"
+    save_model(Transformer(tiny_config(vocab_size=32000)), path, tokenizer_src=load_tokenizer(None))
+    return path
+
+
+def test_info_8x7b_counts(capsys):
+    assert main(["info", "mixtral-8x7b"]) == 0
+    out = capsys.readouterr().out
+    assert "46,702,792,704" in out and "12,879,925,248" in out
+    assert "4.0 GiB" in out  # KV cache of one 32k sequence in bf16
+    assert main(["info", "mixtral-8x7b", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total_params"] == 46_702_792_704 and report["active_params"] == 12_879_925_248
+    assert report["kv_cache_bytes_per_token"]["bf16"] == 131_072
+
+
+def test_info_on_checkpoint(model_dir, capsys):
+    assert main(["info", str(model_dir)]) == 0
+    assert f"{tiny_config(vocab_size=32000).total_params:,}" in capsys.readouterr().out
+
+
+def test_generate_json_and_stream(model_dir, capsys):
+    assert main(["generate", str(model_dir), "Hello", "--max-new-tokens", "6", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["token_ids"]) == 6 and record["prefill_tokens_per_s"] > 0 and "text" in record
+    assert main(["generate", str(model_dir), "Hello", "--max-new-tokens", "6", "--stream"]) == 0
+    streamed = capsys.readouterr().out
+    assert streamed.strip() == record["text"].strip()
+
+
+def test_convert_round_trip(model_dir, tmp_path, capsys):
+    assert main(["convert", str(model_dir), str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "params.json").exists()
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "h")]) == 0
+    assert (tmp_path / "h" / "config.json").exists()
+    assert main(["generate", str(tmp_path / "h"), "Hi", "--max-new-tokens", "4", "--json"]) == 0
+
+
+def test_chat_reads_turns_from_stdin(model_dir, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nAnd again\n"))
+    assert main(["chat", str(model_dir), "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["generate", "/nonexistent/model", "hi"], "does not exist"),
+        (["info", "mixtral-9x9b"], "neither a preset"),
+        (["generate", "{model}", "hi", "--temperature", "-1"], "temperature"),
+        (["generate", "{model}", "hi", "--top-p", "2"], "top_p"),
+        (["generate", "{model}", "hi", "--max-new-tokens", "5000"], "context"),
+        (["convert", "{empty}", "{empty}/out"], "{empty}"),
+    ],
+)
+def test_errors_are_one_line(argv, match, model_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(model=model_dir, empty=tmp_path / "empty") for a in argv]
+    match = match.format(empty=tmp_path / "empty")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and match in err[0]
+
+
+def test_bad_flag_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate"])
+    assert e.value.code == 2

@@ -297,14 +297,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         _dispatch(args)()
-    except (MixtralError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except BrokenPipeError:  # e.g. `mixtral generate ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (MixtralError, OSError) as e:  # OSError: missing, existing or unreadable paths
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
     return 0
 
 

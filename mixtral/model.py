@@ -118,7 +118,8 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         kv: tuple[torch.Tensor, torch.Tensor, int] | None,
     ) -> torch.Tensor:
-        """mask: bool [B, 1, T, S] (True = attend) or None for plain causal; kv: (k, v, start) cache views."""
+        """mask: bool [B, 1, T, S] (True = attend), or None: causal when T > 1 (then S == T), else all
+        keys; kv: (k_cache, v_cache, start) of this layer, written at [start, start + T)."""
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -131,7 +132,7 @@ class Attention(nn.Module):
             k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
         gqa = self.n_heads != self.n_kv_heads
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and kv is None and T > 1, enable_gqa=gqa
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa
         )
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -154,8 +155,8 @@ def _attention_mask(positions_BT: torch.Tensor, cache: KVCache | None, padded: b
     """Bool [B, 1, T, S] mask, or None when plain causal attention is exact."""
     B, T = positions_BT.shape
     start = cache.length if cache is not None else 0
-    if not padded and (cache is None or T == 1):
-        return None  # SDPA's is_causal (no cache) or attend-to-all (one new token) is exact
+    if not padded and (start == 0 or T == 1):
+        return None  # SDPA's is_causal (keys = queries) or attend-to-all (one new token) is exact
     valid_BS = cache.valid[:, : start + T] if cache is not None else positions_BT >= 0
     q_slot = torch.arange(start, start + T, device=positions_BT.device)
     k_slot = torch.arange(start + T, device=positions_BT.device)

@@ -231,7 +231,15 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixtral", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mixtral",
+        description="Mixtral sparse mixture-of-experts models: inspect, generate, chat, convert.",
+        epilog="examples:\n  mixtral info mixtral-8x7b\n  mixtral demo\n"
+        '  mixtral generate runs/demo-tiny "Once upon a time" --max-new-tokens 32 --stream\n'
+        "  mixtral convert Mixtral-8x7B-v0.1-consolidated Mixtral-8x7B-hf --to hf\n"
+        "run 'mixtral COMMAND --help' for a command's options",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )

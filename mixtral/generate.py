@@ -8,6 +8,7 @@ padding marked with position -1 (see model.py).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -61,6 +62,43 @@ def decode_one_token(
     return model(token_B[:, None], cache=cache, positions=position_B[:, None]).logits[:, -1]
 
 
+DecodeStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_decode_step(model: Transformer, cache: KVCache, compile: bool = False) -> DecodeStep:
+    """(token_B, position_B) -> next-token logits [B, V], advancing `cache`.
+
+    compile=True runs `Transformer.step_cached` under torch.compile on the static cache (fixed
+    shapes: one graph for every step); if compilation fails the eager step is used, with a warning.
+    """
+    if not compile:
+        return lambda token_B, position_B: decode_one_token(model, token_B, position_B, cache)
+    if not cache.static:
+        raise ValueError("a compiled decode step needs a static cache (KVCache.allocate(..., static=True))")
+
+    def step(token_B: torch.Tensor, position_B: torch.Tensor) -> torch.Tensor:
+        out = model.step_cached(token_B[:, None], position_B[:, None], cache.k, cache.v, cache.max_len)
+        return out.logits[:, -1]
+
+    compiled = torch.compile(step, dynamic=False, fullgraph=False)
+    eager = torch.no_grad()(step)
+    state = {"fn": torch.no_grad()(compiled)}
+
+    def run(token_B: torch.Tensor, position_B: torch.Tensor) -> torch.Tensor:
+        try:
+            logits = state["fn"](token_B, position_B)
+        except Exception as e:  # no C++ compiler, an unsupported op...: keep generating eagerly
+            if state["fn"] is eager:
+                raise
+            warnings.warn(f"torch.compile of the decode step failed, running eagerly: {e}", stacklevel=2)
+            state["fn"] = eager
+            logits = eager(token_B, position_B)
+        cache.length += 1
+        return logits
+
+    return run
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(p) for p in prompts)
     tokens = torch.zeros(len(prompts), T, dtype=torch.long)
@@ -97,11 +135,13 @@ def generate_ids(
     chunk_size: int = 512,
     stats: GenerationStats | None = None,
     should_stop: Callable[[int, int], bool] | None = None,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of every row (None for rows already finished).
 
     A row finishes on `eos_id` (yielded, then None), after `max_new_tokens`, or when
     `should_stop(row, token)` says so (the caller's stop strings). `stats` is filled in place.
+    `compile` captures the decode step with torch.compile (see `make_decode_step`).
     """
     check_request(model, prompts, max_new_tokens)
     params = params if params is not None else SamplingParams()
@@ -110,7 +150,8 @@ def generate_ids(
     dtype = next(model.parameters()).dtype
     tokens, positions = _left_pad(prompts, device)
     B, T = tokens.shape
-    cache = KVCache.allocate(model.config, B, T + max_new_tokens, dtype=dtype, device=device)
+    cache = KVCache.allocate(model.config, B, T + max_new_tokens, dtype=dtype, device=device, static=compile)
+    decode = make_decode_step(model, cache, compile)
     generator = params.generator(device)
     stats.prompt_tokens += sum(len(p) for p in prompts)
 
@@ -131,7 +172,7 @@ def generate_ids(
         if all(done) or step == max_new_tokens - 1:
             return
         t0 = time.perf_counter()
-        next_B = sample(decode_one_token(model, next_B, position_B, cache), params, generator)
+        next_B = sample(decode(next_B, position_B), params, generator)
         position_B = position_B + 1
         stats.decode_seconds += time.perf_counter() - t0
 

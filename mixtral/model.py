@@ -7,9 +7,13 @@ Conventions:
 - RoPE uses the Hugging Face "rotate half" layout (q/k features split in two halves, not interleaved
   pairs), so HF q_proj/k_proj weights load unchanged; Mistral's interleaved wq/wk rows are permuted
   once by the checkpoint loader.
-- `positions` [B, T] are RoPE positions; -1 marks a padding token (left padding of ragged batches):
-  no token attends to it, and its own output is meaningless.
-- The KV cache is passed explicitly and never hidden inside modules.
+- `positions` [B, T] are RoPE positions. Without a cache, a position 0 starts a new segment and
+  attention never crosses segments, so left padding (position -1 before a row's 0) and packed
+  documents (positions restarting at 0) are both handled; a pad token's own output is meaningless.
+- The KV cache is passed explicitly and never hidden inside modules. Row b's token at position p
+  lives in cache slot p (padding goes to a spare slot no query reads), so a query at position p
+  attends slots 0..p of its row: the same mask for prefill chunks and decode, no per-row offsets.
+  `KVCache.static` attends over the whole buffer (fixed shapes for torch.compile).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 from .config import MixtralConfig
 from .errors import GenerationError
+from .linear import Linear
 from .moe import MoE
 
 
@@ -35,15 +40,16 @@ class ModelOutput:
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for every layer, shared write pointer `length` for all rows.
+    """Preallocated keys/values for every layer: k, v [L, B, KV, S + 1, hd] (slot S is a bin for padding).
 
-    k, v: [L, B, KV, S, hd]; valid: [B, S] bool, False for slots holding padding tokens.
+    `length` counts the tokens written per row so far (the longest row's next position); eager
+    attention reads slots [0, length), a `static` cache always reads all S slots.
     """
 
     k: torch.Tensor
     v: torch.Tensor
-    valid: torch.Tensor
     length: int = 0
+    static: bool = False
 
     @classmethod
     def allocate(
@@ -53,21 +59,19 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        static: bool = False,
     ) -> KVCache:
         if max_len > config.max_seq_len:
             raise GenerationError(
                 f"cache length {max_len} exceeds the model context of {config.max_seq_len} tokens"
             )
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        return cls(
-            k=torch.zeros(shape, dtype=dtype, device=device),
-            v=torch.zeros(shape, dtype=dtype, device=device),
-            valid=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
-        )
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len + 1, config.head_dim)
+        zeros = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(k=zeros, v=zeros.clone(), static=static)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k.shape[3] - 1
 
 
 class RMSNorm(nn.Module):
@@ -106,30 +110,30 @@ class Attention(nn.Module):
     def __init__(self, config: MixtralConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.q_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.kv_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.kv_dim, bias=False)
-        self.wo = nn.Linear(config.q_dim, config.dim, bias=False)
+        self.wq = Linear(config.dim, config.q_dim)
+        self.wk = Linear(config.dim, config.kv_dim)
+        self.wv = Linear(config.dim, config.kv_dim)
+        self.wo = Linear(config.q_dim, config.dim)
 
     def forward(
         self,
         x_BTD: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        kv: tuple[torch.Tensor, torch.Tensor, int] | None,
+        kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None,
     ) -> torch.Tensor:
-        """mask: bool [B, 1, T, S] (True = attend), or None: causal when T > 1 (then S == T), else all
-        keys; kv: (k_cache, v_cache, start) of this layer, written at [start, start + T)."""
+        """mask: bool [B, 1, T, S] (True = attend) or None for plain causal attention (S == T);
+        kv: (k_cache, v_cache, slots_BT, attend) of this layer: write at slots, read [0, attend)."""
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         if kv is not None:
-            k_cache, v_cache, start = kv
-            k_cache[:, :, start : start + T] = k
-            v_cache[:, :, start : start + T] = v
-            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+            k_cache, v_cache, slots_BT, attend = kv
+            index = slots_BT[:, None, :, None].expand_as(k)
+            k = k_cache.scatter_(2, index, k)[:, :, :attend]
+            v = v_cache.scatter_(2, index, v)[:, :, :attend]
         gqa = self.n_heads != self.n_kv_heads
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa
@@ -151,18 +155,20 @@ class Block(nn.Module):
         return h + moe_out, router_logits
 
 
-def _attention_mask(positions_BT: torch.Tensor, cache: KVCache | None, padded: bool) -> torch.Tensor | None:
-    """Bool [B, 1, T, S] mask, or None when plain causal attention is exact."""
-    B, T = positions_BT.shape
-    start = cache.length if cache is not None else 0
-    if not padded and (start == 0 or T == 1):
-        return None  # SDPA's is_causal (keys = queries) or attend-to-all (one new token) is exact
-    valid_BS = cache.valid[:, : start + T] if cache is not None else positions_BT >= 0
-    q_slot = torch.arange(start, start + T, device=positions_BT.device)
-    k_slot = torch.arange(start + T, device=positions_BT.device)
-    causal_TS = k_slot[None, :] <= q_slot[:, None]
-    # A padding query may attend to itself only, which keeps its softmax finite (no NaN rows).
-    return (causal_TS & (valid_BS[:, None, :] | (k_slot[None, :] == q_slot[:, None])))[:, None]
+def segment_mask(positions_BT: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, T, T]: causal, and only within a segment (a position 0 starts a new one)."""
+    segment_BT = torch.cumsum(positions_BT == 0, dim=1)
+    causal_TT = torch.ones(positions_BT.shape[1], positions_BT.shape[1], dtype=torch.bool,
+                           device=positions_BT.device).tril()  # fmt: skip
+    return (causal_TT & (segment_BT[:, :, None] == segment_BT[:, None, :]))[:, None]
+
+
+def cache_mask(positions_BT: torch.Tensor, attend: int) -> torch.Tensor:
+    """Bool [B, 1, T, attend]: the query at position p sees slots 0..p of its row.
+
+    A padding query (position -1) sees slot 0 only, which keeps its softmax finite."""
+    slots_S = torch.arange(attend, device=positions_BT.device)
+    return (slots_S <= positions_BT.clamp(min=0)[:, :, None])[:, None]
 
 
 class Transformer(nn.Module):
@@ -174,7 +180,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -202,33 +208,60 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         keep_logits: int | None = None,
     ) -> ModelOutput:
-        """tokens [B, T] int64 → ModelOutput. With a cache, the T tokens are written at slots
-        [cache.length, cache.length + T) and cache.length advances. keep_logits=n computes logits for
-        the last n positions only (prefill needs one)."""
-        positions = self._check_inputs(tokens, cache, positions)
+        """tokens [B, T] int64 → ModelOutput. With a cache, the tokens are written at their
+        positions (default: cache.length + 0..T-1) and cache.length advances by T. keep_logits=n
+        computes logits for the last n positions only (prefill needs one)."""
+        self._check_inputs(tokens, cache, positions)
+        B, T = tokens.shape
         if cache is None:
-            padded = bool((positions < 0).any())
+            mask = None if positions is None else segment_mask(positions)
+            if positions is None:
+                positions = torch.arange(T, device=tokens.device).expand(B, T)
+            out = self.step(tokens, positions, mask, None, keep_logits)
         else:
-            end = cache.length + tokens.shape[1]
-            cache.valid[:, cache.length : end] = positions >= 0
-            padded = not bool(cache.valid[:, :end].all())
+            if positions is None:
+                positions = torch.arange(cache.length, cache.length + T, device=tokens.device).expand(B, T)
+            out = self.step_cached(tokens, positions, cache.k, cache.v,
+                                   cache.max_len if cache.static else cache.length + T, keep_logits)  # fmt: skip
+            cache.length += T
+        return out
+
+    def step_cached(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        attend: int,
+        keep_logits: int | None = None,
+    ) -> ModelOutput:
+        """One cached forward with no Python state: the unit torch.compile captures for decoding.
+        Writes k/v at slot = position (padding, position -1, into the spare last slot)."""
+        slots = torch.where(positions < 0, k_cache.shape[3] - 1, positions)
+        kv = [(k_cache[i], v_cache[i], slots, attend) for i in range(len(self.layers))]
+        return self.step(tokens, positions, cache_mask(positions, attend), kv, keep_logits)
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv: list | None,
+        keep_logits: int | None,
+    ) -> ModelOutput:
         x = self.tok_embeddings(tokens)
         cos_sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = _attention_mask(positions, cache, padded)
         router_logits = []
         for i, layer in enumerate(self.layers):
-            kv = (cache.k[i], cache.v[i], cache.length) if cache is not None else None
-            x, logits_BTE = layer(x, cos_sin, mask, kv)
+            x, logits_BTE = layer(x, cos_sin, mask, kv[i] if kv is not None else None)
             router_logits.append(logits_BTE)
-        if cache is not None:
-            cache.length += tokens.shape[1]
         if keep_logits is not None:
             x = x[:, -keep_logits:]
         return ModelOutput(self.output(self.norm(x)), torch.stack(router_logits))
 
     def _check_inputs(
         self, tokens: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None
-    ) -> torch.Tensor:
+    ) -> None:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32) or tokens.shape[1] == 0:
             raise ValueError(
                 f"tokens must be an integer tensor of shape [batch, seq] with seq > 0, "
@@ -240,18 +273,16 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"token ids must lie in [0, {V}); got range [{int(tokens.min())}, {int(tokens.max())}]"
             )
-        start = cache.length if cache is not None else 0
         if cache is not None:
+            if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+                raise ValueError("a KV-cache forward is for inference: run it under torch.no_grad()")
             if cache.k.shape[1] != B:
                 raise ValueError(f"cache was allocated for batch {cache.k.shape[1]}, got batch {B}")
-            if start + T > cache.max_len:
+            if cache.length + T > cache.max_len:
                 raise GenerationError(
-                    f"{start} cached + {T} new tokens exceed the cache length of {cache.max_len}"
+                    f"{cache.length} cached + {T} new tokens exceed the cache length of {cache.max_len}"
                 )
         elif T > self.config.max_seq_len:
             raise GenerationError(f"{T} tokens exceed the model context of {self.config.max_seq_len}")
-        if positions is None:
-            return torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        if positions.shape != tokens.shape:
+        if positions is not None and positions.shape != tokens.shape:
             raise ValueError(f"positions shape {tuple(positions.shape)} must equal tokens shape {(B, T)}")
-        return positions

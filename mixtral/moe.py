@@ -3,24 +3,45 @@
 Paper Section 2.1 (Jiang et al. 2024): G(x) = Softmax(TopK(x · W_g)), y = Σ_i G(x)_i · SwiGLU_i(x),
 SwiGLU_i(x) = w2_i(silu(w1_i x) ⊙ w3_i x). Dropless: every token reaches exactly `top_k` experts.
 
-Dispatch strategies share one signature, `(x_TD, ids_TK, weights_TK, w1_EFD, w3_EFD, w2_EDF) -> y_TD`:
+Dispatch strategies share one signature, `(x_TD, ids_TK, weights_TK, experts) -> y_TD`:
 - `dispatch_loop`: the slow, obvious reference (mask tokens per expert), used by tests;
 - `dispatch_sorted`: token slots sorted by expert, one matmul pair per non-empty expert group on
-  contiguous rows, no per-token weight copies; used for every token count.
-Both are tested equal forward and backward, including experts that receive no token.
+  contiguous rows, no per-token weight copies; prefill and training (differentiable);
+- `dispatch_kernel`: the compiled decode kernel (mixtral.kernels): experts grouped in C++ and each
+  selected expert's weights streamed once for all its rows; no host sync, inference only.
+`choose_dispatch` picks kernel for few tokens without autograd, sorted otherwise. All are tested
+equal to the reference (forward; and backward for the differentiable ones), including experts that
+receive no token. `experts` is any module with `expert(e)` (fp32/bf16 views, or dequantised
+copies for compressed storage) and `kernel_weights()` (raw storage and scales for the kernel).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Dispatch = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
-]
+from . import kernels
+
+KERNEL_MAX_SLOTS = 64  # token·k slots up to which the streaming kernel beats sorted matmuls here
+
+
+class ExpertWeights(Protocol):
+    n_experts: int
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1 [F, D], w3 [F, D], w2 [D, F]) of expert e in the compute dtype."""
+        ...
+
+    def kernel_weights(self) -> tuple[torch.Tensor | None, ...]:
+        """(w1, w3, w2, s1, s3, s2): stacked storage and per-row scales (None unless int8)."""
+        ...
+
+
+Dispatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ExpertWeights], torch.Tensor]
 
 
 def route(logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,31 +61,21 @@ def _swiglu(
 
 
 def dispatch_loop(
-    x_TD: torch.Tensor,
-    ids_TK: torch.Tensor,
-    weights_TK: torch.Tensor,
-    w1_EFD: torch.Tensor,
-    w3_EFD: torch.Tensor,
-    w2_EDF: torch.Tensor,
+    x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, experts: ExpertWeights
 ) -> torch.Tensor:
     """Reference: for each expert, gather its tokens, apply it, add the weighted result back."""
     y_TD = torch.zeros_like(x_TD)
-    for e in range(w1_EFD.shape[0]):
+    for e in range(experts.n_experts):
         tok_N, slot_N = torch.where(ids_TK == e)
         if tok_N.numel() == 0:
             continue
-        out_ND = _swiglu(x_TD[tok_N], w1_EFD[e], w3_EFD[e], w2_EDF[e])
+        out_ND = _swiglu(x_TD[tok_N], *experts.expert(e))
         y_TD = y_TD.index_add(0, tok_N, out_ND * weights_TK[tok_N, slot_N, None])
     return y_TD
 
 
 def dispatch_sorted(
-    x_TD: torch.Tensor,
-    ids_TK: torch.Tensor,
-    weights_TK: torch.Tensor,
-    w1_EFD: torch.Tensor,
-    w3_EFD: torch.Tensor,
-    w2_EDF: torch.Tensor,
+    x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, experts: ExpertWeights
 ) -> torch.Tensor:
     """Sort the T·K (token, expert) slots by expert, run each expert once on its contiguous rows.
 
@@ -72,16 +83,12 @@ def dispatch_sorted(
     contributions of a token are summed in slot order, so no scatter-add is needed in either pass.
     """
     T, K = ids_TK.shape
-    E = w1_EFD.shape[0]
+    E = experts.n_experts
     flat_ids_S = ids_TK.reshape(-1)  # S = T*K slots, slot s belongs to token s // K
     order_S = torch.argsort(flat_ids_S, stable=True)
     counts = torch.bincount(flat_ids_S, minlength=E).tolist()
     x_SD = x_TD[order_S // K]
-    outs = [
-        _swiglu(rows_ND, w1_EFD[e], w3_EFD[e], w2_EDF[e])
-        for e, rows_ND in enumerate(x_SD.split(counts))
-        if counts[e]
-    ]
+    outs = [_swiglu(rows_ND, *experts.expert(e)) for e, rows_ND in enumerate(x_SD.split(counts)) if counts[e]]
     y_sorted_SD = torch.cat(outs) if len(outs) > 1 else outs[0]
     inverse_S = torch.empty_like(order_S)
     inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
@@ -89,12 +96,25 @@ def dispatch_sorted(
     return y_SD.view(T, K, -1).sum(dim=1)
 
 
-DISPATCH: dict[str, Dispatch] = {"loop": dispatch_loop, "sorted": dispatch_sorted}
+def dispatch_kernel(
+    x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, experts: ExpertWeights
+) -> torch.Tensor:
+    """The compiled streaming kernel (fp32 activations; fp32, bf16 or int8 weights); no autograd."""
+    if not kernels.available():
+        raise RuntimeError("the mixtral CPU kernels are not available on this machine (see mixtral.kernels)")
+    return kernels.moe(x_TD.float(), ids_TK, weights_TK.float(), *experts.kernel_weights()).to(x_TD.dtype)
 
 
-def choose_dispatch(n_tokens: int) -> Dispatch:
-    """The fast dropless path for this token count (sorted grouped matmuls for every count today)."""
-    del n_tokens  # a decode-specific gather path is chosen here once it exists
+DISPATCH: dict[str, Dispatch] = {"loop": dispatch_loop, "sorted": dispatch_sorted, "kernel": dispatch_kernel}
+
+
+def choose_dispatch(x_TD: torch.Tensor, top_k: int, experts: nn.Module) -> Dispatch:
+    """Kernel for a few tokens at inference (decode), sorted matmuls otherwise (prefill, training)."""
+    needs_grad = torch.is_grad_enabled() and (
+        x_TD.requires_grad or any(p.requires_grad for p in experts.parameters())
+    )
+    if not needs_grad and x_TD.shape[0] * top_k <= KERNEL_MAX_SLOTS and kernels.available():
+        return dispatch_kernel
     return dispatch_sorted
 
 
@@ -106,6 +126,16 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+
+    @property
+    def n_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.w1[e], self.w3[e], self.w2[e]
+
+    def kernel_weights(self) -> tuple[torch.Tensor | None, ...]:
+        return self.w1, self.w3, self.w2, None, None, None
 
 
 class MoE(nn.Module):
@@ -126,7 +156,9 @@ class MoE(nn.Module):
         # choices, and the aux losses and routing analysis read these logits.
         logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         weights_TK, ids_TK = route(logits_TE, self.top_k)
-        fn = choose_dispatch(B * T) if self.dispatch == "auto" else DISPATCH[self.dispatch]
-        e = self.experts
-        y_TD = fn(x_TD, ids_TK, weights_TK.to(x_TD.dtype), e.w1, e.w3, e.w2)
+        if self.dispatch == "auto":
+            fn = choose_dispatch(x_TD, self.top_k, self.experts)
+        else:
+            fn = DISPATCH[self.dispatch]
+        y_TD = fn(x_TD, ids_TK, weights_TK.to(x_TD.dtype), self.experts)
         return y_TD.view(B, T, D), logits_TE.view(B, T, -1)

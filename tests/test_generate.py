@@ -138,3 +138,11 @@ def test_eos_ends_text_generation(tok):
     out = generate(model, tok, "Hello", max_new_tokens=8)
     assert out.finish_reason == "eos" and out.token_ids[-1] == tok.eos_id
     assert out.text == tok.decode(out.token_ids)
+
+
+def test_compiled_decode_step_equals_eager(model):
+    pytest.importorskip("torch._inductor")
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    eager = _rows(generate_ids(model, prompts, max_new_tokens=10), 2)
+    compiled = _rows(generate_ids(model, prompts, max_new_tokens=10, compile=True), 2)
+    assert compiled == eager

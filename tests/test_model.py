@@ -108,6 +108,9 @@ def test_bad_tokens_give_clear_errors(tokens, match):
 def test_cache_overflow_and_context_errors_name_numbers():
     model = _model(max_seq_len=16)
     cache = KVCache.allocate(model.config, 1, 8)
+    with pytest.raises(ValueError, match="no_grad"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    model.requires_grad_(False)
     model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
     with pytest.raises(GenerationError, match="6 cached \\+ 3 new tokens exceed the cache length of 8"):
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
@@ -127,3 +130,32 @@ def test_bf16_forward_runs_with_fp32_router():
     assert out.logits.dtype == torch.bfloat16
     assert out.router_logits.dtype == torch.float32
     assert torch.isfinite(out.logits.float()).all()
+
+
+def test_static_cache_equals_dynamic_cache():
+    model = _model()
+    tokens = torch.randint(0, 97, (2, 12))
+    positions = torch.tensor([[-1, -1, -1] + list(range(9)), list(range(12))])
+    outs = []
+    with torch.no_grad():
+        for static in (False, True):
+            cache = KVCache.allocate(model.config, 2, 16, static=static)
+            chunks = [model(tokens[:, a:b], cache=cache, positions=positions[:, a:b]).logits
+                      for a, b in [(0, 5), (5, 11), (11, 12)]]  # fmt: skip
+            outs.append(torch.cat(chunks, 1))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
+
+
+def test_packed_documents_do_not_attend_across_boundaries():
+    """Positions restarting at 0 start a new segment: each packed document equals itself alone."""
+    model = _model()
+    docs = [torch.randint(0, 97, (n,)) for n in (5, 8, 3)]
+    packed = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        together = model(packed, positions=positions).logits[0]
+        start = 0
+        for d in docs:
+            alone = model(d[None]).logits[0]
+            torch.testing.assert_close(together[start : start + len(d)], alone, atol=1e-5, rtol=0)
+            start += len(d)

@@ -5,38 +5,57 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral.moe import DISPATCH, MoE, dispatch_loop, route
-
-
-def _weights(E: int, D: int, F: int):
-    return [torch.randn(E, F, D) * 0.2, torch.randn(E, F, D) * 0.2, torch.randn(E, D, F) * 0.2]
-
-
-@pytest.mark.parametrize("name", sorted(set(DISPATCH) - {"loop"}))
-@pytest.mark.parametrize(
-    ("T", "E", "K", "skew"),
-    [
-        (1, 8, 2, False),
-        (2, 8, 1, False),
-        (7, 4, 2, False),
-        (64, 8, 2, False),
-        (33, 8, 2, True),
-        (16, 8, 3, False),
-    ],
+from mixtral import kernels
+from mixtral.moe import (
+    DISPATCH,
+    Experts,
+    MoE,
+    choose_dispatch,
+    dispatch_kernel,
+    dispatch_loop,
+    dispatch_sorted,
+    route,
 )
+
+
+def _experts(E: int, D: int, F: int) -> Experts:
+    experts = Experts(E, D, F)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return experts
+
+
+def _run(fn, x, logits, K, experts):
+    weights, ids = route(logits, K)
+    y = fn(x, ids, weights, experts)
+    return y, ids
+
+
+CASES = [
+    (1, 8, 2, False),
+    (2, 8, 1, False),
+    (7, 4, 2, False),
+    (64, 8, 2, False),
+    (33, 8, 2, True),
+    (16, 8, 3, False),
+]
+
+
+@pytest.mark.parametrize("name", ["sorted"])
+@pytest.mark.parametrize(("T", "E", "K", "skew"), CASES)
 def test_dispatch_matches_reference_forward_and_backward(name, T, E, K, skew):
     D, F = 16, 24
     x = torch.randn(T, D, requires_grad=True)
-    logits = torch.randn(T, E, requires_grad=True)
+    logits = torch.randn(T, E)
     if skew:  # only experts 0..2 ever chosen: the others receive no token
-        with torch.no_grad():
-            logits[:, 3:] -= 100.0
-    ws = [w.requires_grad_() for w in _weights(E, D, F)]
+        logits[:, 3:] -= 100.0
+    logits.requires_grad_()
+    experts = _experts(E, D, F)
     results = []
     for fn in (dispatch_loop, DISPATCH[name]):
-        weights, ids = route(logits, K)
-        y = fn(x, ids, weights, *ws)
-        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, logits, *ws])
+        y, ids = _run(fn, x, logits, K, experts)
+        inputs = [x, logits, *experts.parameters()]
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), inputs)
         results.append((y, grads, ids))
     (y_ref, g_ref, ids), (y, g, _) = results
     torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
@@ -47,6 +66,34 @@ def test_dispatch_matches_reference_forward_and_backward(name, T, E, K, skew):
         assert unused, "the skewed router must leave some experts without tokens"
         for w_grad in g[2:]:
             assert torch.all(w_grad[unused] == 0)
+
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="mixtral CPU kernels not built here")
+
+
+@needs_kernels
+@pytest.mark.parametrize(("T", "E", "K", "skew"), CASES + [(5, 8, 8, False)])
+@pytest.mark.parametrize("D", [16, 21])  # 21: a dimension that is not a multiple of the vector width
+def test_kernel_dispatch_matches_reference(T, E, K, skew, D):
+    x = torch.randn(T, D)
+    logits = torch.randn(T, E)
+    if skew:
+        logits[:, 3:] -= 100.0
+    experts = _experts(E, D, 24 + D % 3)
+    with torch.no_grad():
+        y_ref, _ = _run(dispatch_loop, x, logits, K, experts)
+        y, _ = _run(dispatch_kernel, x, logits, K, experts)
+    torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=2e-5)
+
+
+@needs_kernels
+def test_auto_dispatch_uses_kernel_only_without_autograd():
+    experts = _experts(8, 16, 24)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert choose_dispatch(x, 2, experts) is dispatch_kernel
+        assert choose_dispatch(torch.randn(200, 16), 2, experts) is dispatch_sorted
+    assert choose_dispatch(x, 2, experts) is dispatch_sorted  # parameters require grad
 
 
 def test_route_is_softmax_over_topk_logits():

@@ -1,0 +1,82 @@
+"""Optional compiled CPU kernels for decoding, built on first use, with a pure-PyTorch fallback.
+
+`cpu_kernels.cpp` is compiled once per machine with torch's JIT extension builder (needs a C++
+compiler and ninja; cached under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR). If that
+fails, or `MIXTRAL_NO_KERNELS=1` is set, `available()` is False and callers use ATen.
+The ops are registered with torch.library (`torch.ops.mixtral_cpu.*`) with fake implementations,
+so a decode step that calls them can be captured by torch.compile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _build() -> bool:
+    from torch.utils import cpp_extension
+
+    source = Path(__file__).with_name("cpu_kernels.cpp")
+    cpp_extension.load(
+        name="mixtral_cpu_kernels",
+        sources=[str(source)],
+        extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"],
+        is_python_module=False,
+        verbose=False,
+    )
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("mixtral_cpu::linear")
+    def _linear(x, w, scale):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("mixtral_cpu::moe")
+    def _moe(x, ids, weights, w1, w3, w2, s1, s3, s2):
+        return torch.empty_like(x)
+
+
+def available() -> bool:
+    """True once the kernels are built and loaded (builds them on the first call)."""
+    if "ok" not in _state:
+        with _lock:
+            if "ok" not in _state:
+                if os.environ.get("MIXTRAL_NO_KERNELS") == "1":
+                    _state["ok"] = False
+                else:
+                    try:
+                        _state["ok"] = _build()
+                    except Exception as e:  # no compiler, no ninja, unsupported platform...
+                        log.warning("mixtral CPU kernels unavailable, using ATen: %s", e)
+                        _state["ok"] = False
+    return bool(_state["ok"])
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] fp32 · w [N, K]ᵀ (fp32, bf16, or int8 with per-row fp32 scale [N]) → [M, N] fp32."""
+    return torch.ops.mixtral_cpu.linear(x, w, scale)
+
+
+def moe(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    s1: torch.Tensor | None = None,
+    s3: torch.Tensor | None = None,
+    s2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ_k weights[t, k] · SwiGLU_{ids[t, k]}(x[t]) for a few tokens, each expert streamed once."""
+    return torch.ops.mixtral_cpu.moe(x, ids, weights, w1, w3, w2, s1, s3, s2)

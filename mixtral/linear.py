@@ -1,0 +1,37 @@
+"""A bias-free linear layer whose few-row inference streams its weight through the CPU kernel.
+
+Same parameters and state dict as `nn.Linear(bias=False)`; training, large batches and machines
+without the compiled kernels use `F.linear`. Decode multiplies 1–8 rows by each weight, where the
+kernel reads the weight once at close to memory bandwidth (see mixtral/kernels/cpu_kernels.cpp).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+
+KERNEL_MAX_ROWS = 16  # rows of x up to which the streaming kernel beats torch's matmul here
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def use_kernel(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """Few rows, CPU, no autograd needed, kernel built: the decode regime."""
+    if x.device.type != "cpu" or x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(w is not None and w.requires_grad for w in weights)):
+        return False
+    return kernels.available()
+
+
+class Linear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype in _KERNEL_DTYPES and x.dtype in _KERNEL_DTYPES and use_kernel(x, self.weight):
+            y = kernels.linear(x.reshape(-1, x.shape[-1]).float(), self.weight)
+            return y.to(x.dtype).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight)

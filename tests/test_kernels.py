@@ -1,0 +1,88 @@
+"""The compiled CPU kernels equal torch's matmul for every weight storage, and quantization bounds hold."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from mixtral import kernels
+from mixtral.generate import generate_ids
+from mixtral.model import KVCache, Transformer
+from mixtral.quantize import CompressedExperts, CompressedLinear, compress, decompress, quantize_model
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="mixtral CPU kernels not built here")
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 17])
+@pytest.mark.parametrize("K", [8, 13, 64])
+@pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
+def test_linear_kernel_matches_matmul(M, K, storage):
+    x, w = torch.randn(M, K), torch.randn(37, K)
+    q, scale = (w, None) if storage == "fp32" else compress(w, storage)
+    expected = x @ decompress(q, scale).T
+    torch.testing.assert_close(kernels.linear(x, q, scale), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_kernel_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="int8 weights need a scale"):
+        kernels.linear(torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="K = x.size"):
+        kernels.linear(torch.randn(1, 8), torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="expert id out of range"):
+        w = torch.randn(2, 4, 8)
+        kernels.moe(
+            torch.randn(1, 8), torch.tensor([[2]]), torch.ones(1, 1), w, w, w.transpose(1, 2).contiguous()
+        )
+
+
+@pytest.mark.parametrize("storage", ["int8", "bf16"])
+def test_compression_error_bound(storage):
+    w = torch.randn(64, 100) * torch.linspace(0.01, 3, 64)[:, None]
+    q, scale = compress(w, storage)
+    err = (decompress(q, scale) - w).abs()
+    if storage == "int8":
+        assert q.dtype == torch.int8 and torch.all(err <= scale[:, None] / 2 + 1e-7)
+    else:
+        assert torch.all(err <= w.abs() * 2**-8)
+
+
+@pytest.mark.parametrize("storage", ["int8", "bf16"])
+def test_quantized_model_decodes_like_its_own_full_recompute(storage):
+    """Kernel decode of a compressed model equals the dequantised matmul path (prefill) exactly enough."""
+    torch.manual_seed(0)
+    model = quantize_model(Transformer(tiny_config()).eval(), storage, ("experts", "attention", "output"))
+    assert all(isinstance(layer.feed_forward.experts, CompressedExperts) for layer in model.layers)
+    assert isinstance(model.output, CompressedLinear)
+    tokens = torch.randint(0, 97, (2, 14))
+    with torch.no_grad():
+        full = model(tokens).logits
+        cache = KVCache.allocate(model.config, 2, 16)
+        steps = [model(tokens[:, :6], cache=cache).logits]
+        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(6, 14)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_int8_quality_cost_is_small():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(dim=64, hidden_dim=128)).eval()
+    q = quantize_model(copy.deepcopy(model), "int8")
+    tokens = torch.randint(0, 97, (4, 32))
+    with torch.no_grad():
+        a, b = model(tokens).logits, q(tokens).logits
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    greedy = list(generate_ids(q, [[1, 2, 3]], max_new_tokens=4))
+    assert len(greedy) == 4
+
+
+def test_quantize_rejects_unknown_options():
+    model = Transformer(tiny_config())
+    with pytest.raises(ValueError, match="storage"):
+        quantize_model(model, "int4")
+    with pytest.raises(ValueError, match="target"):
+        quantize_model(model, "int8", ("embeddings",))

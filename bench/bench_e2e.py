@@ -1,10 +1,14 @@
-"""End to end: prefill and greedy-decode tokens/s of our model vs transformers', same random weights.
+"""End to end vs transformers on the same random weights: prefill, decode, training step, roofline.
 
-Checks first (logits agree, greedy tokens identical), then times both side by side in one process,
-interleaving repeats, and reports medians and ratios; the last line printed is one JSON object.
+Ours in fp32 and with weight-only bf16 / int8 storage (activations fp32) against transformers'
+MixtralForCausalLM in fp32. Checks first (logits agree, greedy tokens identical for fp32; the
+compressed variants' logit error and greedy agreement are reported), then times all variants side
+by side in one process, interleaving repeats; medians and ratios. The machine's memory bandwidth
+and fp32 matmul peak are measured in the same run, giving decode bandwidth utilisation from ACTIVE
+weight bytes and prefill FLOP utilisation from ACTIVE FLOPs. Last line: one JSON object.
 
-    python bench/bench_e2e.py                      # bench-791m config, fp32, 2 threads
-    python bench/bench_e2e.py --preset tiny --repeats 3 --new-tokens 8   # quick smoke run
+    python bench/bench_e2e.py                      # bench-791m config, 2 threads
+    python bench/bench_e2e.py --preset tiny --repeats 2 --new-tokens 8 --prefill-len 64   # smoke run
 """
 
 from __future__ import annotations
@@ -101,6 +105,70 @@ def versions() -> dict[str, str]:
             "commit": commit, "machine": platform.machine(), "threads": str(torch.get_num_threads())}  # fmt: skip
 
 
+def measure_machine(threads: int) -> dict[str, float]:
+    """Streaming read bandwidth (GB/s) and fp32 matmul peak (GFLOP/s), best of a few tries."""
+    big = torch.randn(128 * 2**20 // 4 * 8)  # 1 GiB, far beyond the caches
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    read = min(timeit_once(lambda: big.sum()) for _ in range(5))
+    mm = min(timeit_once(lambda: a @ b) for _ in range(5))
+    return {"read_gb_s": big.numel() * 4 / read / 1e9, "matmul_gflop_s": 2 * 2048**3 / mm / 1e9}
+
+
+def timeit_once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def active_bytes_per_token(model, cfg) -> float:
+    """Weight bytes one decode token reads: everything but unused experts and unused embedding rows."""
+    total = 0.0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        size = t.numel() * t.element_size()
+        if name == "tok_embeddings.weight":
+            size /= cfg.vocab_size
+        elif ".experts." in name:
+            size *= cfg.top_k / cfg.n_experts
+        total += size
+    return total
+
+
+def ours_train_step(model, tokens) -> float:
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    logits = model(tokens[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    return time.perf_counter() - t0
+
+
+def hf_train_step(hf, tokens) -> float:
+    hf.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    hf(tokens[:, :-1], labels=tokens[:, :-1]).loss.backward()  # HF shifts labels inside
+    return time.perf_counter() - t0
+
+
+def variants(ours, probe, hf_logits):
+    """Our fp32 model plus weight-only bf16 and int8 copies, with their logit error vs transformers."""
+    import copy
+
+    from mixtral.quantize import quantize_model
+
+    out = {"fp32": ours}
+    out["bf16"] = quantize_model(copy.deepcopy(ours), "bf16", ("experts", "attention", "output"))
+    out["int8-experts"] = quantize_model(copy.deepcopy(ours), "int8", ("experts",))
+    out["int8"] = quantize_model(copy.deepcopy(ours), "int8", ("experts", "attention", "output"))
+    quality = {}
+    with torch.no_grad():
+        for name, m in out.items():
+            logits = m(probe).logits
+            quality[name] = {
+                "max_abs_logit_err": (logits - hf_logits).abs().max().item(),
+                "top1_agreement": (logits.argmax(-1) == hf_logits.argmax(-1)).float().mean().item(),
+            }
+    return out, quality
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="bench-791m")
@@ -109,7 +177,8 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt length for the decode runs")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--train-shape", default="8x256", help="BxT of the training step (0 to skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
@@ -123,43 +192,88 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     probe = torch.randint(3, cfg.vocab_size, (2, 48), generator=gen)
     with torch.no_grad():
-        diff = (hf(probe).logits - ours(probe).logits).abs().max().item()
+        hf_logits = hf(probe).logits
+        diff = (hf_logits - ours(probe).logits).abs().max().item()
     assert diff < 1e-3, f"logits differ from transformers by {diff}"
     _, ref_ids = hf_decode(hf, probe[:1, :16], 8)
     _, our_ids = ours_decode(ours, probe[:1, :16], 8)
     assert ref_ids == our_ids, f"greedy tokens differ: {ref_ids} vs {our_ids}"
     print(f"check: max |logit diff| = {diff:.2e}, greedy tokens identical", file=sys.stderr)
+    models, quality = variants(ours, probe, hf_logits)
+    machine = measure_machine(args.threads)
 
     # ---- time, interleaved ----------------------------------------------------------------
-    rows = []
+    rows = []  # (case, {impl: tok/s})
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prefill_len), generator=gen)
-    ours_prefill(ours, prompt[:, :32]), hf_prefill(hf, prompt[:, :32])  # warm-up
-    p_ours, p_hf = [], []
+    for m in models.values():
+        ours_prefill(m, prompt[:, :32])
+    hf_prefill(hf, prompt[:, :32])
+    runs: dict[str, list[float]] = {k: [] for k in ["transformers", *models]}
     for _ in range(args.repeats):
-        p_ours.append(args.prefill_len / ours_prefill(ours, prompt))
-        p_hf.append(args.prefill_len / hf_prefill(hf, prompt))
-    rows.append((f"prefill 1x{args.prefill_len}", statistics.median(p_ours), statistics.median(p_hf)))
+        runs["transformers"].append(args.prefill_len / hf_prefill(hf, prompt))
+        for name, m in models.items():
+            runs[name].append(args.prefill_len / ours_prefill(m, prompt))
+    rows.append((f"prefill 1x{args.prefill_len}", {k: statistics.median(v) for k, v in runs.items()}))
     for b in (int(x) for x in args.batches.split(",")):
         toks = torch.randint(3, cfg.vocab_size, (b, args.prompt_len), generator=gen)
-        d_ours, d_hf = [], []
+        runs = {k: [] for k in ["transformers", *models]}
+        agree = {}
         for _ in range(args.repeats):
-            rate, ids_ours = ours_decode(ours, toks, args.new_tokens)
-            d_ours.append(rate)
             rate, ids_hf = hf_decode(hf, toks, args.new_tokens)
-            d_hf.append(rate)
-        agree = sum(a == c for a, c in zip(ids_ours, ids_hf, strict=True))
-        rows.append((f"decode batch {b} ({agree}/{b} rows identical)", statistics.median(d_ours),
-                     statistics.median(d_hf)))  # fmt: skip
+            runs["transformers"].append(rate)
+            for name, m in models.items():
+                rate, ids = ours_decode(m, toks, args.new_tokens)
+                runs[name].append(rate)
+                agree[name] = sum(a == c for a, c in zip(ids, ids_hf, strict=True))
+        rows.append((f"decode batch {b}", {k: statistics.median(v) for k, v in runs.items()}))
+        quality.setdefault("greedy_rows_identical", {})[f"batch {b}"] = {
+            k: f"{v}/{b}" for k, v in agree.items()
+        }
+    if args.train_shape != "0":
+        B, T = (int(v) for v in args.train_shape.split("x"))
+        toks = torch.randint(3, cfg.vocab_size, (B, T + 1), generator=gen)
+        ours.train(), hf.train()
+        ours.requires_grad_(True)
+        t_ours, t_hf = [], []
+        for _ in range(args.repeats):
+            t_hf.append(hf_train_step(hf, toks))
+            t_ours.append(ours_train_step(ours, toks))
+        rows.append((f"train step {B}x{T} (fwd+bwd)", {"transformers": B * T / statistics.median(t_hf),
+                                                        "fp32": B * T / statistics.median(t_ours)}))  # fmt: skip
 
+    report(args, cfg, rows, quality, machine, models)
+
+
+def report(args, cfg, rows, quality, machine, models) -> None:
+    impls = ["transformers", *models]
     print(f"\n{args.preset}: {cfg.total_params / 1e6:.0f}M total / {cfg.active_params / 1e6:.0f}M active params, "
-          f"fp32, {args.threads} threads, median of {args.repeats}")  # fmt: skip
-    print(f"{'case':<40} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>7}")
-    for name, a, c in rows:
-        print(f"{name:<40} {a:>11.1f} {c:>10.1f} {a / c:>6.2f}x")
-    result = {"bench": "e2e", "preset": args.preset, "dtype": "fp32", "repeats": args.repeats,
-              "logit_max_abs_diff": diff, **versions(),
-              "results": [{"case": n, "ours_tok_s": round(a, 2), "hf_tok_s": round(c, 2), "ratio": round(a / c, 3)}
-                          for n, a, c in rows]}  # fmt: skip
+          f"{args.threads} threads, median of {args.repeats}; tokens/s (ratio to transformers fp32)")  # fmt: skip
+    print(f"{'case':<28}" + "".join(f"{n:>22}" for n in impls))
+    for case, r in rows:
+        cells = [f"{r[n]:9.1f} ({r[n] / r['transformers']:5.2f}x)" if n in r else "-" for n in impls]
+        print(f"{case:<28}" + "".join(f"{c:>22}" for c in cells))
+    bytes_tok = {n: active_bytes_per_token(m, cfg) for n, m in models.items()}
+    d1 = dict(rows).get("decode batch 1", {})
+    pre = rows[0][1]
+    flops_tok = 2 * (cfg.active_params - cfg.vocab_size * cfg.dim)  # embedding lookups are not FLOPs
+    util = {
+        "decode_b1_bandwidth_util": {n: d1[n] * bytes_tok[n] / 1e9 / machine["read_gb_s"] for n in d1 if n in bytes_tok},
+        "prefill_flop_util": {n: pre[n] * flops_tok / 1e9 / machine["matmul_gflop_s"] for n in pre if n in models},
+    }  # fmt: skip
+    print(f"machine: read {machine['read_gb_s']:.1f} GB/s, fp32 matmul {machine['matmul_gflop_s']:.0f} GFLOP/s; "
+          f"active bytes/token: " + ", ".join(f"{n} {b / 1e6:.0f} MB" for n, b in bytes_tok.items()))  # fmt: skip
+    print("decode batch 1, share of the active-bytes roofline: "
+          + ", ".join(f"{n} {u:.0%}" for n, u in util["decode_b1_bandwidth_util"].items()))  # fmt: skip
+    print("prefill, share of the matmul peak (active FLOPs): "
+          + ", ".join(f"{n} {u:.0%}" for n, u in util["prefill_flop_util"].items()))  # fmt: skip
+    print("quality vs transformers fp32: " + ", ".join(
+        f"{n}: max|dlogit| {q['max_abs_logit_err']:.3g}, top-1 agree {q['top1_agreement']:.1%}"
+        for n, q in quality.items() if n in models))  # fmt: skip
+    result = {"bench": "e2e", "preset": args.preset, "repeats": args.repeats, **versions(), "machine_measured": machine,
+              "active_bytes_per_token": bytes_tok, **util, "quality": quality,
+              "results": [{"case": c, "tok_s": {k: round(v, 2) for k, v in r.items()},
+                           "ratio_vs_transformers": {k: round(v / r["transformers"], 3) for k, v in r.items()}}
+                          for c, r in rows]}  # fmt: skip
     print(json.dumps(result))
 
 

@@ -49,3 +49,7 @@ class TokenizerError(MixtralError):
 
 class GenerationError(MixtralError, ValueError):
     """Invalid generation request: bad sampling parameters, prompt too long for the context, ..."""
+
+
+class DataError(MixtralError, ValueError):
+    """Training data cannot be read or used as asked; the message names the file and line or row."""

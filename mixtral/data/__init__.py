@@ -1,0 +1,60 @@
+"""Training data: the default corpus and user files, math generation, packing, tokenizer training.
+
+Public API: `load_corpus`, `read_documents` (txt / jsonl / parquet), `Document`, `Split`,
+`tokenize_documents`, `PackedStream`, `PackedBatch`, `pack_documents`, `generate_math`
+(`MathItem`, `MATH_MODULES`), `train_tokenizer`. Every bad input raises `DataError`.
+"""
+
+from mixtral.errors import DataError
+
+from .corpus import (
+    Document,
+    Split,
+    default_corpus_root,
+    load_corpus,
+    load_manifest,
+    read_documents,
+    read_jsonl,
+    read_parquet,
+    read_text,
+    verify_corpus,
+)
+from .mathgen import MODULES as MATH_MODULES
+from .mathgen import MathItem
+from .mathgen import generate as generate_math
+from .mathgen import iter_items as iter_math
+from .packing import (
+    PackedBatch,
+    PackedStream,
+    TokenizedDocs,
+    check_weights,
+    pack_documents,
+    tokenize_documents,
+)
+from .tokenizer_train import train_tokenizer, training_lines
+
+__all__ = [
+    "MATH_MODULES",
+    "DataError",
+    "Document",
+    "MathItem",
+    "PackedBatch",
+    "PackedStream",
+    "Split",
+    "TokenizedDocs",
+    "check_weights",
+    "default_corpus_root",
+    "generate_math",
+    "iter_math",
+    "load_corpus",
+    "load_manifest",
+    "pack_documents",
+    "read_documents",
+    "read_jsonl",
+    "read_parquet",
+    "read_text",
+    "tokenize_documents",
+    "train_tokenizer",
+    "training_lines",
+    "verify_corpus",
+]

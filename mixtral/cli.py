@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=PRESETS, help="architecture (default tiny)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per prompt (default 16)")
+    from .cli_train import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -304,11 +307,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        _dispatch(args)()
+        if hasattr(args, "func"):
+            args.func(args)
+        else:
+            _dispatch(args)()
     except BrokenPipeError:  # e.g. `mixtral generate ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (MixtralError, OSError) as e:  # OSError: missing, existing or unreadable paths
+    except (MixtralError, OSError, ValueError) as e:  # OSError: paths; ValueError: bad option values
+        if os.environ.get("MIXTRAL_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -53,3 +53,7 @@ class GenerationError(MixtralError, ValueError):
 
 class DataError(MixtralError, ValueError):
     """Training data cannot be read or used as asked; the message names the file and line or row."""
+
+
+class TrainingError(MixtralError):
+    """A training run cannot continue as asked (non-finite values, a bad or mismatched checkpoint)."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import MixtralConfig
 from .errors import GenerationError
@@ -181,6 +182,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = Linear(config.dim, config.vocab_size)
+        self.activation_checkpointing = False  # training only: recompute each block in backward
         self.reset_parameters()
 
     @torch.no_grad()
@@ -253,7 +255,11 @@ class Transformer(nn.Module):
         cos_sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         router_logits = []
         for i, layer in enumerate(self.layers):
-            x, logits_BTE = layer(x, cos_sin, mask, kv[i] if kv is not None else None)
+            layer_kv = kv[i] if kv is not None else None
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, logits_BTE = checkpoint(layer, x, cos_sin, mask, layer_kv, use_reentrant=False)
+            else:
+                x, logits_BTE = layer(x, cos_sin, mask, layer_kv)
             router_logits.append(logits_BTE)
         if keep_logits is not None:
             x = x[:, -keep_logits:]

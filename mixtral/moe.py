@@ -147,6 +147,7 @@ class MoE(nn.Module):
         self.gate = nn.Linear(dim, n_experts, bias=False)
         self.experts = Experts(n_experts, dim, hidden_dim)
         self.dispatch = "auto"
+        self.jitter = 0.0  # training only: router input × U(1 - jitter, 1 + jitter)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (y_BTD in x's dtype, router_logits_BTE in fp32)."""
@@ -154,7 +155,11 @@ class MoE(nn.Module):
         x_TD = x_BTD.reshape(B * T, D)
         # NOTE: the router runs in fp32 whatever the model dtype: bf16 logits flip near-tied top-k
         # choices, and the aux losses and routing analysis read these logits.
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        router_in = x_TD.float()
+        if self.training and self.jitter > 0:
+            # Jitter the router's input only (Switch Transformer); HF also jitters the experts' input.
+            router_in = router_in * torch.empty_like(router_in).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits_TE = F.linear(router_in, self.gate.weight.float())
         weights_TK, ids_TK = route(logits_TE, self.top_k)
         if self.dispatch == "auto":
             fn = choose_dispatch(x_TD, self.top_k, self.experts)

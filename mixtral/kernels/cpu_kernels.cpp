@@ -67,25 +67,40 @@ inline float hsum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-// y[m * ldy + n] = scale[n] * dot(x[m, :K], w[n, :K]) for m < M, n in [n0, n1).
+// y[m * ldy + n] = scale[n] * dot(x[m, :K], w[n, :K]) for m < M, n in [n0, n0 + R): R weight rows
+// at once, so a few rows of x still give R·M independent FMA chains (latency hidden, x reused).
+template <typename W, int M, int R>
+inline void rows_dot_block(const float* x, int64_t K, const W* w, const float* scale, float* y, int64_t ldy,
+                           int64_t n0) {
+  const int64_t K8 = K - K % 8;
+  v8f acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = v8f{};
+  for (int64_t k = 0; k < K8; k += 8) {
+    v8f xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = load8(x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      const v8f wv = load8(w + (n0 + r) * K + k);
+      for (int m = 0; m < M; ++m) acc[r][m] += wv * xv[m];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const W* wr = w + (n0 + r) * K;
+    for (int m = 0; m < M; ++m) {
+      float s = hsum(acc[r][m]);
+      for (int64_t k = K8; k < K; ++k) s += to_float(wr[k]) * x[m * K + k];
+      y[m * ldy + n0 + r] = scale ? s * scale[n0 + r] : s;
+    }
+  }
+}
+
 template <typename W, int M>
 void rows_dot(const float* x, int64_t K, const W* w, const float* scale, float* y, int64_t ldy,
               int64_t n0, int64_t n1) {
-  const int64_t K8 = K - K % 8;
-  for (int64_t n = n0; n < n1; ++n) {
-    const W* wr = w + n * K;
-    v8f acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = v8f{};
-    for (int64_t k = 0; k < K8; k += 8) {
-      const v8f wv = load8(wr + k);
-      for (int m = 0; m < M; ++m) acc[m] += wv * load8(x + m * K + k);
-    }
-    for (int m = 0; m < M; ++m) {
-      float s = hsum(acc[m]);
-      for (int64_t k = K8; k < K; ++k) s += to_float(wr[k]) * x[m * K + k];
-      y[m * ldy + n] = scale ? s * scale[n] : s;
-    }
-  }
+  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // keep R·M accumulators within 16 registers
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) rows_dot_block<W, M, R>(x, K, w, scale, y, ldy, n);
+  for (; n < n1; ++n) rows_dot_block<W, M, 1>(x, K, w, scale, y, ldy, n);
 }
 
 template <typename W>
@@ -117,22 +132,26 @@ void matmul_nt(const float* x, int64_t M, int64_t K, const W* w, const float* sc
   });
 }
 
-// h [M, F] = silu(x · w1ᵀ) ⊙ (x · w3ᵀ), both weight rows of one n read in the same task.
+// h [M, F] = silu(x · w1ᵀ) ⊙ (x · w3ᵀ), in blocks of 64 rows of w1 and w3 per step of a task.
 template <typename W>
 void swiglu_nt(const float* x, int64_t M, int64_t D, const W* w1, const W* w3, const float* s1,
                const float* s3, int64_t F, float* h) {
-  const int64_t grain = std::max<int64_t>(8, 8192 / std::max<int64_t>(1, D * sizeof(W)));
+  constexpr int64_t kBlock = 64;
+  const int64_t grain = std::max<int64_t>(16, 16384 / std::max<int64_t>(1, D * sizeof(W)));
   at::parallel_for(0, F, grain, [&](int64_t n0, int64_t n1) {
-    float a[kMaxRows], b[kMaxRows];
-    for (int64_t n = n0; n < n1; ++n) {
+    float a[kMaxRows * kBlock], b[kMaxRows * kBlock];
+    for (int64_t nb = n0; nb < n1; nb += kBlock) {
+      const int64_t nn = std::min(kBlock, n1 - nb);
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-        rows_dot_any<W>(rows, x + m0 * D, D, w1 + n * D, s1 ? s1 + n : nullptr, a, 1, 0, 1);
-        rows_dot_any<W>(rows, x + m0 * D, D, w3 + n * D, s3 ? s3 + n : nullptr, b, 1, 0, 1);
-        for (int m = 0; m < rows; ++m) {
-          const float g = a[m];
-          h[(m0 + m) * F + n] = g / (1.0f + std::exp(-g)) * b[m];
-        }
+        // Shift the pointers so that rows [nb, nb + nn) land in a[0 .. nn) (ldy = kBlock).
+        rows_dot_any<W>(rows, x + m0 * D, D, w1 + nb * D, s1 ? s1 + nb : nullptr, a, kBlock, 0, nn);
+        rows_dot_any<W>(rows, x + m0 * D, D, w3 + nb * D, s3 ? s3 + nb : nullptr, b, kBlock, 0, nn);
+        for (int m = 0; m < rows; ++m)
+          for (int64_t j = 0; j < nn; ++j) {
+            const float g = a[m * kBlock + j];
+            h[(m0 + m) * F + nb + j] = g / (1.0f + std::exp(-g)) * b[m * kBlock + j];
+          }
       }
     }
   });

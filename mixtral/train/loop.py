@@ -1,0 +1,240 @@
+"""The one training loop: pretraining, SFT and DPO differ only in their data stream and objective.
+
+AdamW (no weight decay on norms and the router), linear warmup then cosine decay, gradient
+clipping and accumulation, optional bf16 autocast and activation checkpointing, the load-balancing
+loss (pooled HF form or per-layer) and router z-loss added to every objective, optional router
+jitter, a NaN/Inf guard that stops before the optimizer step and names where non-finite values
+started, atomic checkpoints with a commit marker, exact resume, JSONL metrics and a progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import TrainingError
+from .checkpoint_io import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .losses import BALANCE_FORMS, expert_load, load_balancing_loss, router_z_loss
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation knobs of a run (the architecture lives in MixtralConfig)."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    balance: str = "pooled"  # "pooled" (transformers' form), "per_layer" or "none"
+    balance_coef: float = 0.02  # the released Mixtral config's router_aux_loss_coef
+    z_coef: float = 1e-3
+    router_jitter: float = 0.0
+    bf16: bool = False
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(
+                f"train.warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}"
+            )
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError(f"need 0 < train.min_lr <= train.lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.balance not in BALANCE_FORMS:
+            raise ValueError(f"train.balance must be one of {', '.join(BALANCE_FORMS)}, got {self.balance!r}")
+        for name in ("weight_decay", "grad_clip", "balance_coef", "z_coef", "router_jitter"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class ObjectiveOutput:
+    """What an objective returns for one micro-batch."""
+
+    loss: torch.Tensor  # scalar, the objective's own loss (the loop adds balance and z-loss)
+    router_logits: torch.Tensor  # [L, B, T, E] from the model's forward(s)
+    router_mask: torch.Tensor | None  # [B, T] tokens that count for the router losses
+    tokens: int  # tokens processed (for tokens/s)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+Objective = Callable[[nn.Module, Any], ObjectiveOutput]
+
+
+class DataStream(Protocol):
+    def next_batch(self, batch_size: int) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at `steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: never on norms or the router (`gate`)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith("norm.weight") or ".gate." in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+
+
+def find_non_finite(model: nn.Module, run_forward: Callable[[], object]) -> str:
+    """Re-run a forward with hooks and name the first module whose output is not finite."""
+    first: list[str] = []
+
+    def hook(name: str):
+        def check(_module, _inputs, output):
+            out = output[0] if isinstance(output, tuple) else getattr(output, "logits", output)
+            if not first and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
+                first.append(name)
+
+        return check
+
+    handles = [m.register_forward_hook(hook(n or "model")) for n, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for h in handles:
+            h.remove()
+    bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    where = f"first non-finite output in module '{first[0]}'" if first else "the forward pass is finite"
+    return where + (f"; non-finite parameters: {', '.join(bad_params[:5])}" if bad_params else "")
+
+
+def _step(
+    model: nn.Module, objective: Objective, data: DataStream, optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig, step: int,
+) -> dict[str, Any]:  # fmt: skip
+    """One optimizer step over grad_accum micro-batches; raises TrainingError before updating on NaN/Inf."""
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    t0, tokens, sums, loads = time.perf_counter(), 0, {"loss": 0.0, "balance": 0.0, "z": 0.0}, []
+    top_k = model.config.top_k
+    for _ in range(cfg.grad_accum):
+        batch = data.next_batch(cfg.batch_size)
+        if batch is None:
+            raise TrainingError(f"the data stream ran out at step {step}")
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+        with autocast:
+            out = objective(model, batch)
+        balance = load_balancing_loss(out.router_logits, top_k, out.router_mask, cfg.balance)
+        z = router_z_loss(out.router_logits, out.router_mask)
+        loss = out.loss + cfg.balance_coef * balance + cfg.z_coef * z
+        if not torch.isfinite(loss):
+            where = find_non_finite(model, lambda b=batch: objective(model, b))
+            raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}, before the update: {where}")
+        (loss / cfg.grad_accum).backward()
+        tokens += out.tokens
+        for key, value in (("loss", out.loss), ("balance", balance), ("z", z)):
+            sums[key] += float(value.detach()) / cfg.grad_accum
+        for key, value in out.metrics.items():
+            sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
+        loads.append(expert_load(out.router_logits, top_k, out.router_mask))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+    if not math.isfinite(grad_norm):
+        named = {id(p): n for n, p in model.named_parameters()}
+        bad = [named[id(p)] for p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
+        raise TrainingError(
+            f"non-finite gradients at step {step}, before the update, in: {', '.join(bad[:5])}"
+        )
+    optimizer.step()
+    load = torch.stack(loads).mean(0)  # [L, E]
+    seconds = time.perf_counter() - t0
+    return {**sums, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "imbalance": float((load.max(-1).values * load.shape[-1]).mean()),
+            "expert_load": [[round(v, 4) for v in row] for row in load.tolist()]}  # fmt: skip
+
+
+def _configure(model: nn.Module, cfg: TrainConfig) -> None:
+    model.train()
+    model.activation_checkpointing = cfg.activation_checkpointing
+    for layer in model.layers:
+        layer.feed_forward.jitter = cfg.router_jitter
+
+
+def _open_log(run_dir: Path, resumed_step: int):
+    """metrics.jsonl, keeping only lines up to the resumed step (a killed run may have logged more)."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        kept = [
+            line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resumed_step
+        ]
+        path.write_text("".join(line + "\n" for line in kept))
+    return path.open("a")
+
+
+def train(
+    model: nn.Module,
+    objective: Objective,
+    data: DataStream,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainingState:
+    """Train until cfg.steps (or `stop_after` steps, as if killed); resume from run_dir's latest
+    committed checkpoint if there is one. Returns the final state; metrics go to run_dir/metrics.jsonl."""
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(model, cfg)
+    state = TrainingState(step=0, tokens_seen=0, scheduler={}, data={}, extra={"train": asdict(cfg)})
+    if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        data.load_state_dict(state.data)
+    _configure(model, cfg)
+    with _open_log(run_dir, state.step) as log, tqdm(total=cfg.steps, initial=state.step, disable=not progress,
+                                                     desc="train", unit="step") as bar:  # fmt: skip
+        while state.step < cfg.steps and (stop_after is None or state.step < stop_after):
+            metrics = _step(model, objective, data, optimizer, cfg, state.step)
+            state.step += 1
+            state.tokens_seen += metrics["tokens"]
+            record = {"step": state.step, "tokens_seen": state.tokens_seen, **metrics}
+            if evaluate is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+                record["eval"] = evaluate(model)
+                model.train()
+            if state.step % cfg.log_every == 0 or "eval" in record or state.step == cfg.steps:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            bar.update(1)
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+                state.data = data.state_dict()
+                save_checkpoint(run_dir, model, optimizer, state)
+    model.eval()
+    return state

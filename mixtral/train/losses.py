@@ -1,0 +1,74 @@
+"""Training losses: masked next-token cross-entropy, load balancing (pooled and per-layer), router z-loss.
+
+References (../shared/reference/mixtral.md section 5):
+- Switch Transformer load balancing (Fedus et al. 2021): L = N · Σ_i f_i · P_i.
+- transformers' Mixtral form (`load_balancing_loss_func`): all layers' router logits pooled, every
+  one of the k choices counted: aux = E · Σ_k Σ_e f[k, e] · p̄[e]; exactly k under uniform routing.
+- Per-layer form: the Switch loss per layer with f the share of the T·k slots routed to each expert
+  (Σ_e f_e = 1), averaged over layers; exactly 1 under uniform routing, its minimum when p̄ is
+  uniform too.
+- ST-MoE router z-loss (Zoph et al. 2022): mean over tokens of logsumexp(router logits)².
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BALANCE_FORMS = ("pooled", "per_layer", "none")
+
+
+def masked_cross_entropy(
+    logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions where mask is True (all if None), in fp32."""
+    losses = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten().long(), reduction="none")
+    if mask_BT is None:
+        return losses.mean()
+    mask = mask_BT.flatten().float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _flat(router_logits_LBTE: torch.Tensor, mask_BT: torch.Tensor | None) -> torch.Tensor:
+    """[L, N, E] fp32 logits of the tokens that count (mask True)."""
+    L, B, T, E = router_logits_LBTE.shape
+    logits = router_logits_LBTE.float().reshape(L, B * T, E)
+    return logits if mask_BT is None else logits[:, mask_BT.reshape(-1)]
+
+
+def load_balancing_loss(
+    router_logits_LBTE: torch.Tensor, top_k: int, mask_BT: torch.Tensor | None = None, form: str = "pooled"
+) -> torch.Tensor:
+    """The auxiliary load-balancing loss in `form` ("pooled": HF's, min k; "per_layer": min 1)."""
+    if form not in BALANCE_FORMS:
+        raise ValueError(f"unknown load-balancing form {form!r}; choose from {', '.join(BALANCE_FORMS)}")
+    logits = _flat(router_logits_LBTE, mask_BT)
+    L, N, E = logits.shape
+    if form == "none" or N == 0:
+        return logits.new_zeros(())
+    probs = logits.softmax(dim=-1)
+    chosen = F.one_hot(logits.topk(top_k, dim=-1).indices, E).float()  # [L, N, k, E]
+    if form == "pooled":
+        f_KE = chosen.reshape(L * N, top_k, E).mean(dim=0)
+        return E * (f_KE * probs.reshape(L * N, E).mean(dim=0)).sum()
+    f_LE = chosen.sum(dim=2).mean(dim=1) / top_k
+    return E * (f_LE * probs.mean(dim=1)).sum(dim=-1).mean()
+
+
+def router_z_loss(router_logits_LBTE: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over layers and tokens of logsumexp(router logits)²."""
+    logits = _flat(router_logits_LBTE, mask_BT)
+    if logits.shape[1] == 0:
+        return logits.new_zeros(())
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+@torch.no_grad()
+def expert_load(
+    router_logits_LBTE: torch.Tensor, top_k: int, mask_BT: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[L, E] share of the routed slots each expert received per layer (rows sum to 1)."""
+    logits = _flat(router_logits_LBTE, mask_BT)
+    L, N, E = logits.shape
+    counts = F.one_hot(logits.topk(top_k, dim=-1).indices, E).sum(dim=(1, 2)).float()
+    return counts / counts.sum(dim=-1, keepdim=True).clamp(min=1.0)

@@ -28,7 +28,9 @@ def _build() -> bool:
     cpp_extension.load(
         name="mixtral_cpu_kernels",
         sources=[str(source)],
-        extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"],
+        # -fopenmp: at::parallel_for is an inline OpenMP loop, serial unless we compile with it.
+        extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
     )

@@ -76,12 +76,16 @@ inline void rows_dot_block(const float* x, int64_t K, const W* w, const float* s
   v8f acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = v8f{};
+  // The unroll pragmas make the small fixed loops disappear, so acc and wv live in registers.
   for (int64_t k = 0; k < K8; k += 8) {
-    v8f xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = load8(x + m * K + k);
-    for (int r = 0; r < R; ++r) {
-      const v8f wv = load8(w + (n0 + r) * K + k);
-      for (int m = 0; m < M; ++m) acc[r][m] += wv * xv[m];
+    v8f wv[R];  // R weight vectors + R·M accumulators + one x vector stay within 16 registers
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const v8f xv = load8(x + m * K + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][m] += wv[r] * xv;
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -97,7 +101,7 @@ inline void rows_dot_block(const float* x, int64_t K, const W* w, const float* s
 template <typename W, int M>
 void rows_dot(const float* x, int64_t K, const W* w, const float* scale, float* y, int64_t ldy,
               int64_t n0, int64_t n1) {
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // keep R·M accumulators within 16 registers
+  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // R·M accumulators + R weights fit 16 registers
   int64_t n = n0;
   for (; n + R <= n1; n += R) rows_dot_block<W, M, R>(x, K, w, scale, y, ldy, n);
   for (; n < n1; ++n) rows_dot_block<W, M, 1>(x, K, w, scale, y, ldy, n);

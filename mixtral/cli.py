@@ -20,6 +20,7 @@ from .config import PRESETS, MixtralConfig, get_preset
 from .errors import MixtralError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANT_TARGETS = ("experts", "attention", "output")  # --quantize compresses every matrix but the embedding
 DEMO_PROMPTS = ("The mixture of experts", "def fibonacci(n):", "La capitale de la France est", "2 + 2 =")
 
 
@@ -84,13 +85,17 @@ def cmd_info(target: str, as_json: bool = False) -> None:
           f"{_human_bytes(report['kv_cache_bytes_full_context_bf16'])}")  # type: ignore[arg-type]  # fmt: skip
 
 
-def _load(path: str, dtype: str):
+def _load(path: str, dtype: str, quantize: str | None = None):
     from .checkpoint import load_model
     from .tokenizer import load_tokenizer
 
     if not Path(path).exists():
         raise MixtralError(f"model path {path!r} does not exist")
     model = load_model(path, dtype=DTYPES[dtype]).eval()
+    if quantize:
+        from .quantize import quantize_model
+
+        quantize_model(model, quantize, QUANT_TARGETS)
     try:
         tok = load_tokenizer(path)
     except MixtralError:
@@ -116,13 +121,15 @@ def cmd_generate(
     as_json: bool,
     dtype: str,
     chunk_size: int,
+    quantize: str | None = None,
+    compile: bool = False,
 ) -> None:
     from .generate import GenerationStats, generate
     from .generate import stream as stream_text
 
-    model, tok = _load(path, dtype)
+    model, tok = _load(path, dtype, quantize)
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  seed=seed, stop=tuple(stop), chunk_size=chunk_size)  # fmt: skip
+                  seed=seed, stop=tuple(stop), chunk_size=chunk_size, compile=compile)  # fmt: skip
     if stream and not as_json:
         stats = GenerationStats()
         for piece in stream_text(model, tok, prompt, stats=stats, **kwargs):
@@ -146,12 +153,12 @@ def cmd_generate(
 
 def cmd_chat(
     path: str, system: str | None, max_new_tokens: int, temperature: float, top_p: float,
-    seed: int | None, dtype: str,
+    seed: int | None, dtype: str, quantize: str | None = None,
 ) -> None:  # fmt: skip
     from .chat import encode_chat
     from .generate import stream
 
-    model, tok = _load(path, dtype)
+    model, tok = _load(path, dtype, quantize)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -178,7 +185,9 @@ def cmd_chat(
         messages.append({"role": "assistant", "content": answer.strip() or " "})
 
 
-def cmd_convert(src: str, dst: str, to: str | None, dtype: str | None, overwrite: bool) -> None:
+def cmd_convert(
+    src: str, dst: str, to: str | None, dtype: str | None, overwrite: bool, outtype: str = "f32"
+) -> None:
     from .checkpoint import convert, read_config
 
     if not Path(src).exists():
@@ -186,7 +195,13 @@ def cmd_convert(src: str, dst: str, to: str | None, dtype: str | None, overwrite
     _, fmt = read_config(src)
     target = to or ("mistral" if fmt == "hf" else "hf")
     t0 = time.perf_counter()
-    convert(src, dst, to=target, dtype=DTYPES[dtype] if dtype else None, overwrite=overwrite)
+    if target == "gguf":
+        from .gguf_export import export_gguf
+
+        export_gguf(src, dst, outtype, overwrite=overwrite)
+        target = f"gguf ({outtype})"
+    else:
+        convert(src, dst, to=target, dtype=DTYPES[dtype] if dtype else None, overwrite=overwrite)
     print(
         f"converted {fmt} checkpoint {src} -> {target} checkpoint {dst} in {time.perf_counter() - t0:.1f} s"
     )
@@ -228,6 +243,9 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype to load (default fp32)")
+    p.add_argument("--quantize", choices=("int8", "bf16"), default=None,
+                   help="weight-only compression after loading (activations stay fp32): int8 with "
+                   "per-channel scales or bf16 storage; decode streams the compressed weights")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,17 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON line: text, token ids, timings")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length (default 512)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step under torch.compile (falls back to eager if it fails)")  # fmt: skip
 
     p = sub.add_parser("chat", help="interactive chat in the Mixtral-Instruct format, streamed")
     p.add_argument("path", help="checkpoint directory")
     p.add_argument("--system", default=None, help="system prompt (prepended to the first user turn)")
     _add_sampling(p, temperature=0.7)
 
-    p = sub.add_parser("convert", help="convert a checkpoint between Mistral and Hugging Face formats")
+    p = sub.add_parser(
+        "convert", help="convert a checkpoint: Mistral <-> Hugging Face, or to GGUF for llama.cpp"
+    )
     p.add_argument("src", help="source checkpoint directory (format detected)")
-    p.add_argument("dst", help="destination directory (written atomically)")
+    p.add_argument("dst", help="destination directory (a .gguf file with --to gguf), written atomically")
+    p.add_argument("--to", choices=("hf", "mistral", "gguf"), default=None,
+                   help="target format (default: the other of hf/mistral)")  # fmt: skip
     p.add_argument(
-        "--to", choices=("hf", "mistral"), default=None, help="target format (default: the other one)"
+        "--outtype", choices=("f32", "f16", "q8_0"), default="f32", help="GGUF tensor type (default f32)"
     )
     p.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
@@ -284,9 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=PRESETS, help="architecture (default tiny)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per prompt (default 16)")
-    from .cli_train import add_parsers
+    from . import cli_quantize, cli_train
 
-    add_parsers(sub)
+    cli_train.add_parsers(sub)
+    cli_quantize.add_parsers(sub)
     return parser
 
 
@@ -295,9 +320,11 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], None]:
     return {
         "info": lambda: cmd_info(a.target, a.json),
         "generate": lambda: cmd_generate(a.path, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p,
-                                         a.seed, a.stop, a.stream, a.json, a.dtype, a.chunk_size),
-        "chat": lambda: cmd_chat(a.path, a.system, a.max_new_tokens, a.temperature, a.top_p, a.seed, a.dtype),
-        "convert": lambda: cmd_convert(a.src, a.dst, a.to, a.dtype, a.overwrite),
+                                         a.seed, a.stop, a.stream, a.json, a.dtype, a.chunk_size, a.quantize,
+                                         a.compile),
+        "chat": lambda: cmd_chat(a.path, a.system, a.max_new_tokens, a.temperature, a.top_p, a.seed, a.dtype,
+                                 a.quantize),
+        "convert": lambda: cmd_convert(a.src, a.dst, a.to, a.dtype, a.overwrite, a.outtype),
         "demo": lambda: cmd_demo(a.out, a.preset, a.seed, a.max_new_tokens),
     }[a.command]  # fmt: skip
 

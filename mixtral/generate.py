@@ -241,6 +241,7 @@ def _text_events(
     max_new_tokens: int,
     chunk_size: int,
     stats: GenerationStats,
+    compile: bool = False,
 ) -> Iterator[list[str]]:
     """Drive `generate_ids`, yielding each row's newly showable text after every step."""
     finished = [False] * len(rows)
@@ -250,9 +251,8 @@ def _text_events(
         return finished[b]
 
     ids = _encode_prompts(tokenizer, prompts)
-    steps = generate_ids(
-        model, ids, params, max_new_tokens, None, chunk_size, stats, should_stop
-    )  # EOS is handled by the rows, so that it ends up in `ids` but never in the text
+    # EOS is handled by the rows, so that it ends up in `ids` but never in the text.
+    steps = generate_ids(model, ids, params, max_new_tokens, None, chunk_size, stats, should_stop, compile)
     for step, _ in enumerate(steps):
         last = step == max_new_tokens - 1
         yield [r.take(final=finished[b] or last) for b, r in enumerate(rows)]
@@ -270,10 +270,12 @@ def generate(
     seed: int | None = None,
     stop: Sequence[str] = (),
     chunk_size: int = 512,
+    compile: bool = False,
 ) -> Generation | list[Generation]:
     """Generate for one prompt (str → Generation) or a batch (list → list[Generation]).
 
     A prompt is text (encoded with BOS) or a list of token ids (used as is, e.g. from encode_chat).
+    `compile` runs the decode step under torch.compile (see `make_decode_step`).
     """
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
@@ -281,7 +283,9 @@ def generate(
     stats = GenerationStats()
     rows = [_TextRow(tokenizer, stop) for _ in batch]
     texts = [""] * len(batch)
-    for pieces in _text_events(model, tokenizer, batch, rows, params, max_new_tokens, chunk_size, stats):
+    for pieces in _text_events(
+        model, tokenizer, batch, rows, params, max_new_tokens, chunk_size, stats, compile
+    ):
         texts = [t + p for t, p in zip(texts, pieces, strict=True)]
     results = [Generation(t, r.ids, r.finish_reason, stats) for t, r in zip(texts, rows, strict=True)]
     return results[0] if single else results
@@ -300,12 +304,15 @@ def stream(
     stop: Sequence[str] = (),
     chunk_size: int = 512,
     stats: GenerationStats | None = None,
+    compile: bool = False,
 ) -> Iterator[str]:
     """Yield the generated text of one prompt piece by piece as it is produced (never a partial
     UTF-8 character, never text past or inside a stop string). `stats` is filled if given."""
     params = SamplingParams(temperature, top_k, top_p, seed)
     stats = stats if stats is not None else GenerationStats()
     rows = [_TextRow(tokenizer, stop)]
-    for pieces in _text_events(model, tokenizer, [prompt], rows, params, max_new_tokens, chunk_size, stats):
+    for pieces in _text_events(
+        model, tokenizer, [prompt], rows, params, max_new_tokens, chunk_size, stats, compile
+    ):
         if pieces[0]:
             yield pieces[0]

@@ -11,13 +11,13 @@ Dispatch strategies share one signature, `(x_TD, ids_TK, weights_TK, experts) ->
   selected expert's weights streamed once for all its rows; no host sync, inference only.
 `choose_dispatch` picks kernel for few tokens without autograd, sorted otherwise. All are tested
 equal to the reference (forward; and backward for the differentiable ones), including experts that
-receive no token. `experts` is any module with `expert(e)` (fp32/bf16 views, or dequantised
-copies for compressed storage) and `kernel_weights()` (raw storage and scales for the kernel).
+receive no token. `experts` is any module with `weights()` (per-expert fp32/bf16 views, or
+dequantised copies for compressed storage) and `kernel_weights()` (raw storage and scales).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -32,8 +32,8 @@ KERNEL_MAX_SLOTS = 64  # token·k slots up to which the streaming kernel beats s
 class ExpertWeights(Protocol):
     n_experts: int
 
-    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w1 [F, D], w3 [F, D], w2 [D, F]) of expert e in the compute dtype."""
+    def weights(self) -> Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Indexable by expert e: (w1 [F, D], w3 [F, D], w2 [D, F]) in the compute dtype."""
         ...
 
     def kernel_weights(self) -> tuple[torch.Tensor | None, ...]:
@@ -65,11 +65,12 @@ def dispatch_loop(
 ) -> torch.Tensor:
     """Reference: for each expert, gather its tokens, apply it, add the weighted result back."""
     y_TD = torch.zeros_like(x_TD)
+    weights = experts.weights()
     for e in range(experts.n_experts):
         tok_N, slot_N = torch.where(ids_TK == e)
         if tok_N.numel() == 0:
             continue
-        out_ND = _swiglu(x_TD[tok_N], *experts.expert(e))
+        out_ND = _swiglu(x_TD[tok_N], *weights[e])
         y_TD = y_TD.index_add(0, tok_N, out_ND * weights_TK[tok_N, slot_N, None])
     return y_TD
 
@@ -88,7 +89,8 @@ def dispatch_sorted(
     order_S = torch.argsort(flat_ids_S, stable=True)
     counts = torch.bincount(flat_ids_S, minlength=E).tolist()
     x_SD = x_TD[order_S // K]
-    outs = [_swiglu(rows_ND, *experts.expert(e)) for e, rows_ND in enumerate(x_SD.split(counts)) if counts[e]]
+    ws = experts.weights()
+    outs = [_swiglu(rows_ND, *ws[e]) for e, rows_ND in enumerate(x_SD.split(counts)) if counts[e]]
     y_sorted_SD = torch.cat(outs) if len(outs) > 1 else outs[0]
     inverse_S = torch.empty_like(order_S)
     inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
@@ -131,8 +133,10 @@ class Experts(nn.Module):
     def n_experts(self) -> int:
         return self.w1.shape[0]
 
-    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.w1[e], self.w3[e], self.w2[e]
+    def weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # unbind, not w[e]: the backward of E `select`s would materialise E zero-filled [E, F, D]
+        # gradients per weight (gigabytes per step at 8x7B shapes); unbind's backward stacks once.
+        return list(zip(self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0), strict=True))
 
     def kernel_weights(self) -> tuple[torch.Tensor | None, ...]:
         return self.w1, self.w3, self.w2, None, None, None

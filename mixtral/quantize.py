@@ -43,8 +43,24 @@ def decompress(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return q.float() if scale is None else q.float() * scale.unsqueeze(-1)
 
 
+class _Dequantised:
+    """Indexable view of CompressedExperts: item e is expert e's weights in fp32, made on access."""
+
+    def __init__(self, experts: CompressedExperts) -> None:
+        self.experts = experts
+
+    def __getitem__(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.experts
+        return tuple(  # type: ignore[return-value]
+            decompress(
+                getattr(x, n)[e], None if getattr(x, f"s{n[1]}") is None else getattr(x, f"s{n[1]}")[e]
+            )
+            for n in ("w1", "w3", "w2")
+        )
+
+
 class CompressedExperts(nn.Module):
-    """Experts with int8 or bf16 weights; same `expert(e)` / `kernel_weights()` interface as Experts."""
+    """Experts with int8 or bf16 weights; same `weights()` / `kernel_weights()` interface as Experts."""
 
     def __init__(self, experts: Experts, storage: str) -> None:
         super().__init__()
@@ -58,12 +74,8 @@ class CompressedExperts(nn.Module):
     def n_experts(self) -> int:
         return self.w1.shape[0]
 
-    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        def one(name: str) -> torch.Tensor:
-            s = getattr(self, f"s{name[1]}")
-            return decompress(getattr(self, name)[e], None if s is None else s[e])
-
-        return one("w1"), one("w3"), one("w2")
+    def weights(self) -> _Dequantised:
+        return _Dequantised(self)
 
     def kernel_weights(self) -> tuple[torch.Tensor | None, ...]:
         return self.w1, self.w3, self.w2, self.s1, self.s3, self.s2
@@ -86,13 +98,17 @@ class CompressedLinear(nn.Module):
         return F.linear(x, decompress(self.weight, self.scale).to(x.dtype))
 
 
-def quantize_model(model: nn.Module, storage: str = "int8", targets: Iterable[str] = ("experts",)) -> nn.Module:
+def quantize_model(
+    model: nn.Module, storage: str = "int8", targets: Iterable[str] = ("experts",)
+) -> nn.Module:
     """Compress `targets` of a built Transformer in place (and return it); experts by default."""
     targets = tuple(targets)
     if storage not in STORAGE:
         raise ValueError(f"unknown storage {storage!r}; choose from {', '.join(STORAGE)}")
     if unknown := set(targets) - set(TARGETS):
-        raise ValueError(f"unknown quantization target(s) {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+        raise ValueError(
+            f"unknown quantization target(s) {sorted(unknown)}; choose from {', '.join(TARGETS)}"
+        )
     model.requires_grad_(False)
     for layer in model.layers:
         if "experts" in targets and isinstance(layer.feed_forward.experts, Experts):

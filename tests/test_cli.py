@@ -87,3 +87,38 @@ def test_bad_flag_exits_with_usage(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate"])
     assert e.value.code == 2
+
+
+def test_generate_quantized_and_compiled_options(model_dir, capsys):
+    assert (
+        main(["generate", str(model_dir), "Hello", "--max-new-tokens", "4", "--json", "--quantize", "int8"])
+        == 0
+    )
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
+    assert (
+        main(["generate", str(model_dir), "Hello", "--max-new-tokens", "4", "--json", "--quantize", "bf16"])
+        == 0
+    )
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
+
+
+def test_quantize_reports_quality_and_speed(model_dir, capsys):
+    assert main(["quantize", str(model_dir), "--ppl-tokens", "0", "--new-tokens", "3"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["storage"] == "int8" and 0 <= report["max_abs_logit_err"] < 1.0
+    assert report["decode_tok_s"]["int8"] > 0
+
+
+def test_convert_to_gguf(model_dir, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    assert (
+        main(["convert", str(model_dir), str(tmp_path / "m.gguf"), "--to", "gguf", "--outtype", "q8_0"]) == 0
+    )
+    assert (tmp_path / "m.gguf").stat().st_size > 0
+
+
+def test_train_list_and_bad_override(capsys):
+    assert main(["train", "--list"]) == 0
+    assert "mini-dense" in capsys.readouterr().out
+    assert main(["train", "--recipe", "test", "--set", "train.lr=fast"]) == 2
+    assert "expected float" in capsys.readouterr().err

@@ -1,0 +1,82 @@
+"""`mixtral quantize`: what weight-only compression costs in quality and gains in decode speed, measured."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+
+import torch
+
+
+def _held_out_ppl(model, tok, max_tokens: int) -> float | None:
+    """Perplexity on the bundled corpus' validation split (all domains, up to max_tokens per domain)."""
+    from .data.corpus import load_corpus
+    from .data.packing import tokenize_documents
+    from .train.pretrain import evaluate_lm
+
+    valid = {d: tokenize_documents(s.valid, tok) for d, s in load_corpus().items()}
+    seq = min(256, model.config.max_seq_len)
+    return evaluate_lm(model, valid, seq, batch_size=8, max_batches=max(1, max_tokens // (8 * seq)))[
+        "all/ppl"
+    ]
+
+
+def _decode_speed(model, tok, new_tokens: int) -> float:
+    from .generate import GenerationStats, generate_ids
+
+    stats = GenerationStats()
+    prompt = tok.encode("The history of the region begins with", bos=True)
+    for _ in generate_ids(model, [prompt], max_new_tokens=new_tokens, stats=stats):
+        pass
+    return stats.decode_tokens_per_s
+
+
+def cmd_quantize(path: str, storage: str, targets: str, ppl_tokens: int, new_tokens: int) -> None:
+    from .cli import _load
+    from .quantize import quantize_model
+
+    model, tok = _load(path, "fp32")
+    q = quantize_model(copy.deepcopy(model), storage, tuple(t for t in targets.split(",") if t))
+    probe = torch.tensor(
+        [tok.encode("def main():\n    print('hello, world')\nLa ville de Paris est", bos=True)]
+    )
+    with torch.no_grad():
+        a, b = model(probe).logits, q(probe).logits
+    report = {
+        "storage": storage, "targets": targets,
+        "max_abs_logit_err": (a - b).abs().max().item(),
+        "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+        "decode_tok_s": {"fp32": _decode_speed(model, tok, new_tokens), storage: _decode_speed(q, tok, new_tokens)},
+    }  # fmt: skip
+    if ppl_tokens:
+        report["held_out_ppl"] = {
+            "fp32": _held_out_ppl(model, tok, ppl_tokens),
+            storage: _held_out_ppl(q, tok, ppl_tokens),
+        }
+    print(f"{storage} weight-only ({targets}) on {path}:")
+    print(f"  logits: max |fp32 - {storage}| = {report['max_abs_logit_err']:.4g}, "
+          f"top-1 agreement {report['top1_agreement']:.1%}")  # fmt: skip
+    if "held_out_ppl" in report:
+        p = report["held_out_ppl"]
+        print(f"  held-out perplexity: fp32 {p['fp32']:.3f}, {storage} {p[storage]:.3f} "
+              f"({100 * (p[storage] / p['fp32'] - 1):+.2f}%)")  # fmt: skip
+    d = report["decode_tok_s"]
+    print(f"  decode batch 1: fp32 {d['fp32']:.1f} tok/s, {storage} {d[storage]:.1f} tok/s "
+          f"({d[storage] / d['fp32']:.2f}x)")  # fmt: skip
+    print(json.dumps({k: v for k, v in report.items() if not (isinstance(v, float) and math.isnan(v))}))
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize", help="measure the quality cost and speed gain of int8/bf16 weight-only storage"
+    )
+    p.add_argument("path", help="checkpoint directory")
+    p.add_argument("--storage", choices=("int8", "bf16"), default="int8")
+    p.add_argument("--targets", default="experts,attention,output",
+                   help="comma list of experts, attention, output (default all three)")  # fmt: skip
+    p.add_argument("--ppl-tokens", type=int, default=16384,
+                   help="validation tokens per domain for perplexity (0 to skip; needs the model's own tokenizer)")  # fmt: skip
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded for the speed figure")
+    p.set_defaults(func=lambda a: cmd_quantize(a.path, a.storage, a.targets, a.ppl_tokens, a.new_tokens))

@@ -21,7 +21,6 @@ from .errors import MixtralError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANT_TARGETS = ("experts", "attention", "output")  # --quantize compresses every matrix but the embedding
-DEMO_PROMPTS = ("The mixture of experts", "def fibonacci(n):", "La capitale de la France est", "2 + 2 =")
 
 
 def _human_bytes(n: float) -> str:
@@ -207,33 +206,6 @@ def cmd_convert(
     )
 
 
-def cmd_demo(out: str, preset: str, seed: int, max_new_tokens: int) -> None:
-    """Build a random model, save it as a Hugging Face checkpoint, load it back, generate."""
-    from .checkpoint import save_model
-    from .model import Transformer
-    from .tokenizer import load_tokenizer
-
-    cfg = get_preset(preset)
-    out_dir = Path(out)
-    print(f"== building a randomly initialised '{preset}' model (seed {seed}) ==")
-    torch.manual_seed(seed)
-    save_model(Transformer(cfg), out_dir, tokenizer_src=load_tokenizer(None), overwrite=True)
-    print(f"saved HF checkpoint to {out_dir}/ ({', '.join(sorted(p.name for p in out_dir.iterdir()))})")
-    cmd_info(str(out_dir))
-    from .generate import generate
-
-    model, tok = _load(str(out_dir), "fp32")
-    print("== generating, batched and greedy (the weights are random, so the text is too) ==")
-    outs = generate(model, tok, list(DEMO_PROMPTS), max_new_tokens=max_new_tokens)
-    for prompt, out in zip(DEMO_PROMPTS, outs, strict=True):
-        print(f"  {prompt!r} -> {out.text!r}")
-    s = outs[0].stats
-    print(f"  {len(DEMO_PROMPTS)} prompts: prefill {s.prefill_tokens_per_s:.0f} tok/s, "
-          f"decode {s.decode_tokens_per_s:.0f} tok/s (all rows together)")  # fmt: skip
-    print("== for scale: the real Mixtral 8x7B ==")
-    cmd_info("mixtral-8x7b")
-
-
 def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=float, default=temperature,
@@ -253,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mixtral",
         description="Mixtral sparse mixture-of-experts models: inspect, generate, chat, convert.",
         epilog="examples:\n  mixtral info mixtral-8x7b\n  mixtral demo\n"
-        '  mixtral generate runs/demo-tiny "Once upon a time" --max-new-tokens 32 --stream\n'
+        '  mixtral generate models/mini "def fibonacci(n):" --max-new-tokens 64 --stream\n'
         "  mixtral convert Mixtral-8x7B-v0.1-consolidated Mixtral-8x7B-hf --to hf\n"
         "run 'mixtral COMMAND --help' for a command's options",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -301,15 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
-    p = sub.add_parser("demo", help="build, save, reload and generate from a small random model")
-    p.add_argument(
-        "--out", default="runs/demo-tiny", help="where to save the checkpoint (default runs/demo-tiny)"
-    )
-    p.add_argument("--preset", default="tiny", choices=PRESETS, help="architecture (default tiny)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per prompt (default 16)")
-    from . import cli_quantize, cli_train
+    from . import cli_demo, cli_quantize, cli_train
 
+    cli_demo.add_parsers(sub)
     cli_train.add_parsers(sub)
     cli_quantize.add_parsers(sub)
     return parser
@@ -325,7 +291,6 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], None]:
         "chat": lambda: cmd_chat(a.path, a.system, a.max_new_tokens, a.temperature, a.top_p, a.seed, a.dtype,
                                  a.quantize),
         "convert": lambda: cmd_convert(a.src, a.dst, a.to, a.dtype, a.overwrite, a.outtype),
-        "demo": lambda: cmd_demo(a.out, a.preset, a.seed, a.max_new_tokens),
     }[a.command]  # fmt: skip
 
 

@@ -122,3 +122,27 @@ def test_train_list_and_bad_override(capsys):
     assert "mini-dense" in capsys.readouterr().out
     assert main(["train", "--recipe", "test", "--set", "train.lr=fast"]) == 2
     assert "expected float" in capsys.readouterr().err
+
+
+def test_demo_on_a_given_model(model_dir, capsys):
+    assert main(["demo", "--model", str(model_dir), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "-- code" in out and "-- fr" in out and "46,702,792,704" in out
+
+
+def test_train_command_on_user_files(tmp_path, capsys):
+    (tmp_path / "code.txt").write_text("def f(x):\n    return x + 1\n" * 40)
+    (tmp_path / "fr.jsonl").write_text("".join(json.dumps({"text": f"Bonjour numéro {i}, ça va bien."}) + "\n"
+                                               for i in range(30)))  # fmt: skip
+    argv = ["train", "--recipe", "test", "--out", str(tmp_path / "run"), "--set", "train.steps=4",
+            "--set", f"data.inputs=code={tmp_path / 'code.txt'},fr={tmp_path / 'fr.jsonl'}",
+            "--set", "data.vocab_size=300"]  # fmt: skip
+    assert main(argv) == 0
+    assert (tmp_path / "run" / "model" / "config.json").exists() and (tmp_path / "run" / "curve.png").exists()
+    assert "held-out loss" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_train_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--train", "--out", str(tmp_path / "demo"), "--max-new-tokens", "8"]) == 0
+    assert "trained in" in capsys.readouterr().out

@@ -34,7 +34,8 @@ def prepare_tokenizer(data: DataConfig, out_dir: Path) -> Tokenizer:
     tok_dir = out_dir / "tokenizer"
     if (tok_dir / "tokenizer.model").exists():
         return load_tokenizer(tok_dir / "tokenizer.model")
-    return train_tokenizer(None, data.vocab_size, tok_dir)
+    sources = [Path(item.partition("=")[2]) for item in data.inputs] or None  # None: the bundled corpus
+    return train_tokenizer(sources, data.vocab_size, tok_dir)
 
 
 def prepare_data(data: DataConfig, tok: Tokenizer, cache: Path) -> tuple[dict, dict]:

@@ -208,3 +208,25 @@ def test_overrides_apply_with_types():
     r = apply_overrides(get_recipe("mini"), ["train.steps=700", "train.bf16=true", "model.n_layers=3",
                                              "data.inputs=code=a,fr=b"])  # fmt: skip
     assert (r.train.steps, r.train.bf16, r.model.n_layers, r.data.inputs) == (700, True, 3, ("code=a", "fr=b"))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).train()
+    batch = _stream().next_batch(2)
+    grads = []
+    for ckpt in (False, True):
+        model.activation_checkpointing = ckpt
+        model.zero_grad()
+        lm_objective(model, batch).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_and_accumulation_train(tmp_path):
+    torch.manual_seed(0)
+    cfg = _cfg(steps=3, bf16=True, grad_accum=2, activation_checkpointing=True, balance="per_layer")
+    state = train(Transformer(tiny_config()), lm_objective, _stream(), cfg, tmp_path, progress=False)
+    assert state.step == 3 and state.tokens_seen > 0
+    assert all(math.isfinite(v) for v in _losses(tmp_path))

@@ -36,14 +36,17 @@ def test_transformers_loads_it_with_the_same_logits(mini):
 
 
 def test_it_writes_recognisable_code_and_french(mini):
+    """A random model of the same shape fails both checks; the trained one passes them."""
     model, tok = mini
-    code, french = generate(model, tok, ["def read_config(path):\n", "La commande suivante permet de"],
-                            max_new_tokens=48, temperature=0.0)  # fmt: skip
-    assert any(marker in code.text for marker in ("    ", "return", "self", "(", ":")), code.text
+    code = generate(model, tok, "import os\nimport sys\n\n\ndef main():\n    ", max_new_tokens=40)
+    assert sum(m in code.text for m in ("self", "(", ")", "\n    ", "if ", "return", "append")) >= 4, (
+        code.text
+    )
+    french = generate(
+        model, tok, "La commande suivante permet de", max_new_tokens=40, temperature=0.7, top_p=0.9, seed=1
+    )
+    words = french.text.split()
     assert (
-        sum(
-            w in f" {french.text} "
-            for w in (" le ", " la ", " les ", " de ", " des ", " un ", " une ", " est ")
-        )
-        >= 2
+        sum(w in ("le", "la", "les", "de", "des", "un", "une", "est", "et", "du", "veuillez") for w in words)
+        >= 3
     ), french.text

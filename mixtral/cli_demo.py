@@ -69,6 +69,11 @@ def cmd_demo(model_path: str | None, train: bool, out: str, max_new_tokens: int)
     print(f"== model: {path} ==")
     cmd_info(str(path))
     model, tok = _load(str(path), "fp32")
+    from . import kernels
+
+    t0 = time.perf_counter()
+    if kernels.available() and time.perf_counter() - t0 > 1:  # built now: the first run on this machine
+        print(f"(compiled the CPU decode kernels in {time.perf_counter() - t0:.0f} s; cached from now on)")
     print("== one prompt per domain, batched (temperature 0.7, top-p 0.9, seed 0) ==")
     prompts = list(DOMAIN_PROMPTS.values())
     outs = generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=0)

@@ -9,9 +9,14 @@ order may flip a near-tie late in a sequence). Then times both, interleaving rep
 Timing, the same on both sides: wall clock of decode steps 2..n from Python, each step one
 forward of one token plus its argmax. Ours: GenerationStats.decode_tokens_per_s of generate_ids.
 llama.cpp: perf_counter around `Llama.eval([token])` + argmax of its last logits; llama.cpp's own
-perf counter (t_eval_ms over n_eval, which includes the prompt-free steps only) is reported beside
+perf counter (t_eval_ms over n_eval: the same single-token steps, without Python) is reported beside
 it as a cross-check. Both KV caches are fp32. Ours int8 = mixtral.quantize.quantize_model on every
 target it offers (llama.cpp's Q8_0 quantizes every matrix but the router); "n/a" without it.
+The quantized rows also report first-step logit differences and greedy agreement with ours fp32;
+with random weights these are dominated by expert-routing flips (the router's top-2 logits are
+near ties), so they show that a flip happened, not how good the quantization is.
+Both runtimes spin-wait between ops; on a shared machine a busy neighbour core slows llama.cpp
+(OpenMP barriers) far more than torch, so the 1-minute load average is recorded before and after.
 
     python bench/bench_llamacpp.py                      # bench-791m, 2 threads
     python bench/bench_llamacpp.py --preset tiny --repeats 3 --new-tokens 8   # quick smoke run
@@ -23,6 +28,7 @@ import argparse
 import gc
 import importlib.metadata
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -110,103 +116,130 @@ def versions() -> dict[str, str]:
             "llama_cpp_system": llama_cpp.llama_print_system_info().decode().strip()}  # fmt: skip
 
 
-def time_pair(name, ours_fn, theirs: LlamaCpp, prompt, args, ref_ids) -> dict[str, object]:
-    """Interleaved repeats of ours and llama.cpp (after one warm-up each); medians and agreement."""
-    ours_fn(prompt, 4), theirs.decode(prompt, 4)  # warm-up: page in the mmap, build kernels
-    r_ours, r_wall, r_perf = [], [], []
+def first_logits(model: Transformer, prompt: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0, -1].float().numpy()
+
+
+def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+def time_pair(name: str, ours: Transformer | None, theirs: LlamaCpp, prompt, args, ref) -> dict[str, object]:
+    """Interleaved repeats of ours and llama.cpp (after one warm-up each): medians, plus how far
+    each side's greedy tokens and first-step logits are from ours fp32 (`ref`: ids, logits).
+    `ours` None times llama.cpp alone (ours "n/a")."""
+    ref_ids, ref_logits = ref
+    _, _, _, theirs_first = theirs.decode(prompt, 4)  # warm-up: page in the mmap
+    if ours is not None:
+        ours_decode(ours, prompt, 4)  # warm-up: build or load the CPU kernels
+    r_ours, r_wall, r_perf, ids_ours = [], [], [], None
     for _ in range(args.repeats):
-        rate, ids_ours = ours_fn(prompt, args.new_tokens)
-        r_ours.append(rate)
+        if ours is not None:
+            rate, ids_ours = ours_decode(ours, prompt, args.new_tokens)
+            r_ours.append(rate)
         wall, perf, ids_theirs, _ = theirs.decode(prompt, args.new_tokens)
         r_wall.append(wall), r_perf.append(perf)
-    return {"case": name, "ours_tok_s": statistics.median(r_ours), "llama_cpp_tok_s": statistics.median(r_wall),
-            "llama_cpp_perf_tok_s": statistics.median(r_perf), "ours_vs_ref": agreement(ids_ours, ref_ids),
-            "llama_cpp_vs_ref": agreement(ids_theirs, ref_ids)}  # fmt: skip
+    ours_rate = statistics.median(r_ours) if r_ours else None
+    theirs_rate = statistics.median(r_wall)
+    return {"case": name, "ours_tok_s": ours_rate and round(ours_rate, 2), "llama_cpp_tok_s": round(theirs_rate, 2),
+            "llama_cpp_perf_tok_s": round(statistics.median(r_perf), 2),
+            "ratio": ours_rate and round(ours_rate / theirs_rate, 3),
+            "ours_vs_ref": ids_ours and agreement(ids_ours, ref_ids),
+            "llama_cpp_vs_ref": agreement(ids_theirs, ref_ids),
+            "ours_logit_rel_diff": None if ours is None else rel_diff(first_logits(ours, prompt), ref_logits),
+            "llama_cpp_logit_rel_diff": rel_diff(theirs_first, ref_logits)}  # fmt: skip
+
+
+def export_both(args, tmp: Path) -> tuple[Path, dict[str, float]]:
+    """The checkpoint (saved from random --preset weights unless --model) and its f32 / q8_0 GGUFs."""
+    if args.model is None:
+        torch.manual_seed(0)
+        save_model(Transformer(get_preset(args.preset)), tmp / "ckpt", tokenizer_src=load_tokenizer(None))
+    src = args.model or tmp / "ckpt"
+    export_s = {}
+    for outtype in ("f32", "q8_0"):
+        t0 = time.perf_counter()
+        export_gguf(src, tmp / f"{outtype}.gguf", outtype, tokenizer=args.tokenizer)
+        export_s[outtype] = round(time.perf_counter() - t0, 1)
+    print(f"export to GGUF: {export_s} s", file=sys.stderr)
+    return src, export_s
+
+
+def check(ours: Transformer, theirs: LlamaCpp, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """Assert llama.cpp f32's first-step logits match ours fp32; our greedy ids and logits (the reference)."""
+    ref_logits = first_logits(ours, prompt)
+    _, ref_ids = ours_decode(ours, prompt, n)
+    _, _, ids, first = theirs.decode(prompt, n)
+    rel = rel_diff(first, ref_logits)
+    assert rel <= 1e-3, f"first-step logits differ: max |diff| / max |logit| = {rel:.2e}"
+    print(f"check: first-step logits rel diff {rel:.2e}; greedy llama.cpp f32 vs ours fp32: {agreement(ids, ref_ids)}",
+          file=sys.stderr)  # fmt: skip
+    return ref_ids, ref_logits
+
+
+def report(args, cfg, rows: list[dict[str, object]], extra: dict[str, object]) -> None:
+    def fmt(x: object, width: int) -> str:
+        return f"{x:>{width}.2f}" if isinstance(x, float) else f"{'n/a':>{width}}"
+
+    name = args.preset if args.model is None else str(args.model)
+    print(f"\n{name}: {cfg.total_params / 1e6:.0f}M total / {cfg.active_params / 1e6:.0f}M active params, batch 1, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} threads, median of {args.repeats}")  # fmt: skip
+    print(f"{'case':<40} {'ours tok/s':>11} {'llama.cpp tok/s':>16} {'(its perf)':>11} {'ours/llama':>11}")
+    for r in rows:
+        print(f"{r['case']:<40} {fmt(r['ours_tok_s'], 11)} {fmt(r['llama_cpp_tok_s'], 16)} "
+              f"{fmt(r['llama_cpp_perf_tok_s'], 11)} {fmt(r['ratio'], 10) + ('x' if r['ratio'] else ' ')}")  # fmt: skip
+    for r in rows:
+        ours_diff = "n/a" if r["ours_logit_rel_diff"] is None else f"{r['ours_logit_rel_diff']:.1e}"
+        print(f"vs ours fp32, {r['case']}: first-step logits rel diff ours {ours_diff}, llama.cpp "
+              f"{r['llama_cpp_logit_rel_diff']:.1e}; greedy tokens ours {r['ours_vs_ref'] or 'n/a'}, "
+              f"llama.cpp {r['llama_cpp_vs_ref']}")  # fmt: skip
+    result = {"bench": "llamacpp", "preset": name, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "repeats": args.repeats, **extra, **versions(), "results": rows}  # fmt: skip
+    print(json.dumps(result))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="bench-791m")
     ap.add_argument("--model", type=Path, help="checkpoint directory (default: random --preset weights)")
-    ap.add_argument("--tokenizer", type=Path, help="SentencePiece model for the GGUF (default: the checkpoint's)")
+    ap.add_argument(
+        "--tokenizer", type=Path, help="SentencePiece model for the GGUF (default: the checkpoint's)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        if args.model is None:
-            torch.manual_seed(0)
-            save_model(Transformer(get_preset(args.preset)), tmp / "ckpt", tokenizer_src=load_tokenizer(None))
-        src = args.model or tmp / "ckpt"
+        src, export_s = export_both(args, tmp)
         cfg = read_config(src)[0]
-        export_s = {}
-        for outtype in ("f32", "q8_0"):
-            t0 = time.perf_counter()
-            export_gguf(src, tmp / f"{outtype}.gguf", outtype, tokenizer=args.tokenizer)
-            export_s[outtype] = round(time.perf_counter() - t0, 1)
-        print(f"export to GGUF: {export_s} s", file=sys.stderr)
-
-        gen = torch.Generator().manual_seed(1)
-        prompt = torch.randint(3, cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
-        n_ctx = args.prompt_len + args.new_tokens + 8
+        prompt = torch.randint(
+            3, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)
+        )
+        prompt, n_ctx = prompt.tolist(), args.prompt_len + args.new_tokens + 8
         ours = load_model(src).eval()
-
-        def ours_fn(p: list[int], n: int) -> tuple[float, list[int]]:
-            return ours_decode(ours, p, n)
-
-        # ---- check before timing: f32 vs fp32 -------------------------------------------------
         theirs = LlamaCpp(tmp / "f32.gguf", args.threads, n_ctx)
-        with torch.no_grad():
-            ref_logits = ours(torch.tensor([prompt])).logits[0, -1].numpy()
-        _, ref_ids = ours_fn(prompt, args.new_tokens)
-        _, _, ids_f32, first = theirs.decode(prompt, args.new_tokens)
-        rel = float(np.abs(first - ref_logits).max() / np.abs(ref_logits).max())
-        assert rel <= 1e-3, f"first-step logits differ: max |diff| / max |logit| = {rel:.2e}"
-        print(f"check: first-step logits rel diff {rel:.2e}; greedy f32 vs ours: {agreement(ids_f32, ref_ids)}",
-              file=sys.stderr)  # fmt: skip
-
-        # ---- time, interleaved --------------------------------------------------------------------
-        rows = [time_pair("decode b1: ours fp32 | llama.cpp f32", ours_fn, theirs, prompt, args, ref_ids)]
+        ref = check(ours, theirs, prompt, args.new_tokens)
+        rows = [time_pair("decode b1: ours fp32 | llama.cpp f32", ours, theirs, prompt, args, ref)]
         theirs.close()
-        del theirs
+        if quantize_model is not None:
+            quantize_model(ours, "int8", targets=INT8_TARGETS)  # in place; the fp32 weights are freed
+        else:
+            ours = None
         gc.collect()
         theirs = LlamaCpp(tmp / "q8_0.gguf", args.threads, n_ctx)
-        if quantize_model is not None:
-            quantize_model(ours, "int8", targets=INT8_TARGETS)
-            rows.append(time_pair("decode b1: ours int8 | llama.cpp Q8_0", ours_fn, theirs, prompt, args, ref_ids))
-        else:
-            del ours
-            gc.collect()
-            rows.append(time_pair("decode b1: ours int8 | llama.cpp Q8_0", lambda p, n: (float("nan"), ref_ids),
-                                  theirs, prompt, args, ref_ids))  # fmt: skip
+        rows.append(time_pair("decode b1: ours int8 | llama.cpp Q8_0", ours, theirs, prompt, args, ref))
         theirs.close()
 
-    print(f"\n{args.preset if args.model is None else args.model}: {cfg.total_params / 1e6:.0f}M total / "
-          f"{cfg.active_params / 1e6:.0f}M active params, batch 1, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, {args.threads} threads, median of {args.repeats}")  # fmt: skip
-    print(f"{'case':<40} {'ours tok/s':>11} {'llama.cpp tok/s':>16} {'(its perf)':>11} {'ours/llama':>11}")
-    for r in rows:
-        ratio = r["ours_tok_s"] / r["llama_cpp_tok_s"]
-        print(f"{r['case']:<40} {r['ours_tok_s']:>11.2f} {r['llama_cpp_tok_s']:>16.2f} "
-              f"{r['llama_cpp_perf_tok_s']:>11.2f} {ratio:>10.2f}x")  # fmt: skip
-    for r in rows:
-        print(f"greedy tokens vs ours fp32 ({r['case']}): ours {r['ours_vs_ref']}; llama.cpp {r['llama_cpp_vs_ref']}")
-    results = []
-    for r in rows:
-        ours_rate = None if np.isnan(r["ours_tok_s"]) else round(r["ours_tok_s"], 2)
-        results.append({**r, "ours_tok_s": ours_rate, "llama_cpp_tok_s": round(r["llama_cpp_tok_s"], 2),
-                        "llama_cpp_perf_tok_s": round(r["llama_cpp_perf_tok_s"], 2),
-                        "ratio": None if ours_rate is None else round(ours_rate / r["llama_cpp_tok_s"], 3)})  # fmt: skip
-    result = {"bench": "llamacpp", "preset": args.preset if args.model is None else str(args.model),
-              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "first_step_logit_rel_diff": rel, "export_s": export_s, "kv_cache": "fp32 both",
-              "ours_int8_targets": list(INT8_TARGETS) if quantize_model is not None else None,
-              **versions(), "results": results}  # fmt: skip
-    print(json.dumps(result))
+    extra = {"export_s": export_s, "kv_cache": "fp32 both",
+             "ours_int8_targets": list(INT8_TARGETS) if quantize_model is not None else None,
+             "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}  # fmt: skip
+    report(args, cfg, rows, extra)
 
 
 if __name__ == "__main__":

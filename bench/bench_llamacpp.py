@@ -29,9 +29,7 @@ import gc
 import importlib.metadata
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_e2e import versions as base_versions  # noqa: E402
 
 from mixtral.checkpoint import load_model, read_config, save_model
 from mixtral.config import get_preset
@@ -105,14 +106,7 @@ def agreement(a: list[int], b: list[int]) -> str:
 def versions() -> dict[str, str]:
     import llama_cpp
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"torch": torch.__version__, "llama_cpp": llama_cpp.__version__,
-            "gguf": importlib.metadata.version("gguf"), "python": platform.python_version(),
-            "commit": commit, "machine": platform.machine(), "threads": str(torch.get_num_threads()),
+    return {**base_versions(), "llama_cpp": llama_cpp.__version__, "gguf": importlib.metadata.version("gguf"),
             "llama_cpp_system": llama_cpp.llama_print_system_info().decode().strip()}  # fmt: skip
 
 

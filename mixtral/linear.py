@@ -21,7 +21,9 @@ def use_kernel(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     """Few rows, CPU, no autograd needed, kernel built: the decode regime."""
     if x.device.type != "cpu" or x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(w is not None and w.requires_grad for w in weights)):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(w is not None and w.requires_grad for w in weights)
+    ):
         return False
     return kernels.available()
 

@@ -129,7 +129,9 @@ def test_balance_loss_is_k_under_uniform_routing_and_matches_transformers():
     collapsed = torch.zeros(L, B, T, E)
     collapsed[..., 0] = 10.0
     collapsed[..., 1] = 9.0
-    assert load_balancing_loss(collapsed, k, form="pooled").item() == pytest.approx(E, rel=1e-3)  # the maximum
+    assert load_balancing_loss(collapsed, k, form="pooled").item() == pytest.approx(
+        E, rel=1e-3
+    )  # the maximum
     transformers = pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -207,7 +209,12 @@ def test_bad_overrides_are_named(override, match):
 def test_overrides_apply_with_types():
     r = apply_overrides(get_recipe("mini"), ["train.steps=700", "train.bf16=true", "model.n_layers=3",
                                              "data.inputs=code=a,fr=b"])  # fmt: skip
-    assert (r.train.steps, r.train.bf16, r.model.n_layers, r.data.inputs) == (700, True, 3, ("code=a", "fr=b"))
+    assert (r.train.steps, r.train.bf16, r.model.n_layers, r.data.inputs) == (
+        700,
+        True,
+        3,
+        ("code=a", "fr=b"),
+    )
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -146,3 +146,24 @@ def test_train_command_on_user_files(tmp_path, capsys):
 def test_demo_train_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--train", "--out", str(tmp_path / "demo"), "--max-new-tokens", "8"]) == 0
     assert "trained in" in capsys.readouterr().out
+
+
+def test_tokenizer_train_command(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("le chat est sur la table. " * 200 + "def f(x): return x\n" * 100)
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                str(tmp_path / "tok"),
+                "--vocab-size",
+                "320",
+                "--input",
+                str(tmp_path / "a.txt"),
+            ]
+        )
+        == 0
+    )
+    assert "320-piece" in capsys.readouterr().out
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.vocab_size == 320 and tok.decode(tok.encode("le chat 🐱")) == "le chat 🐱"

@@ -282,12 +282,9 @@ def generate(
     params = SamplingParams(temperature, top_k, top_p, seed)
     stats = GenerationStats()
     rows = [_TextRow(tokenizer, stop) for _ in batch]
-    texts = [""] * len(batch)
-    for pieces in _text_events(
-        model, tokenizer, batch, rows, params, max_new_tokens, chunk_size, stats, compile
-    ):
-        texts = [t + p for t, p in zip(texts, pieces, strict=True)]
-    results = [Generation(t, r.ids, r.finish_reason, stats) for t, r in zip(texts, rows, strict=True)]
+    for _ in _text_events(model, tokenizer, batch, rows, params, max_new_tokens, chunk_size, stats, compile):
+        pass  # each row keeps its full text (stop string excluded); the pieces are for streaming
+    results = [Generation(r.text, r.ids, r.finish_reason, stats) for r in rows]
     return results[0] if single else results
 
 

@@ -195,7 +195,7 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
 
     def set_dispatch(self, name: str) -> None:
-        """Select the MoE dispatch strategy of every layer ("auto", "loop", "sorted")."""
+        """Select the MoE dispatch strategy of every layer: "auto" or a name in moe.DISPATCH."""
         from .moe import DISPATCH
 
         if name != "auto" and name not in DISPATCH:

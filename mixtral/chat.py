@@ -28,13 +28,31 @@ def encode_chat(
     Stricter than mistral-common: roles must alternate (it merges repeated roles), a system
     message after the first user message and a conversation without a user message are errors.
     """
+    return encode_chat_with_mask(tok, messages, final_assistant=final_assistant)[0]
+
+
+def encode_chat_with_mask(
+    tok: Tokenizer, messages: Sequence[Mapping[str, Any]], *, final_assistant: FinalAssistant = "complete"
+) -> tuple[list[int], list[bool]]:
+    """Same ids as `encode_chat(tok, messages, final_assistant=...)`, plus a mask that is True on the
+    tokens an assistant turn produces: the assistant text tokens and the EOS that closes the turn
+    (not the BOS, not the `[INST] ... [/INST]` user segments). The supervised fine-tuning target.
+    """
     ids: list[int] = []
+    mask: list[bool] = []
+    previous = "bos"
     for kind, text in _chat_segments(messages, final_assistant):
         if kind == "text":
-            ids += tok.encode(text, bos=False)
+            piece = tok.encode(text, bos=False)
+            # A user segment follows BOS or EOS; an assistant answer follows its user segment.
+            produced = previous == "text"
         else:
-            ids.append(tok.bos_id if kind == "bos" else tok.eos_id)
-    return ids
+            piece = [tok.bos_id if kind == "bos" else tok.eos_id]
+            produced = kind == "eos"  # EOS only ever closes an assistant turn
+        ids += piece
+        mask += [produced] * len(piece)
+        previous = kind
+    return ids, mask
 
 
 def format_chat_text(

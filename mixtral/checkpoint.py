@@ -229,17 +229,22 @@ def load_weights(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     check_finite: bool = True,
+    select: Callable[[str], bool] | None = None,
 ) -> tuple[MixtralConfig, dict[str, torch.Tensor]]:
     """Config and our-named state dict of a checkpoint, every tensor cast to `dtype` on `device`.
 
     Holds one copy of the weights plus one file tensor in transit: each parameter is allocated
     once and filled piece by piece (experts into their [E, F, D] stack) straight from the mmap.
+    `select(name)` limits the result to some of our tensor names (e.g. one layer's).
     """
     _check_dtype(dtype)
     cfg, fmt, shards = _open(Path(path))
+    shapes = {n: s for n, s in our_shapes(cfg).items() if select is None or select(n)}
     with shards:
-        sd = {name: torch.empty(shape, dtype=dtype, device=device) for name, shape in our_shapes(cfg).items()}
+        sd = {name: torch.empty(shape, dtype=dtype, device=device) for name, shape in shapes.items()}
         for slot in plan(cfg, fmt):
+            if slot.ours not in sd:
+                continue
             dst = sd[slot.ours] if slot.expert is None else sd[slot.ours][slot.expert]
             dst.copy_(_read_piece(shards, slot))
             if check_finite:

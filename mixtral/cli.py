@@ -273,11 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
-    from . import cli_demo, cli_quantize, cli_train
+    from . import cli_demo, cli_instruct, cli_quantize, cli_routing, cli_train
 
     cli_demo.add_parsers(sub)
     cli_train.add_parsers(sub)
     cli_quantize.add_parsers(sub)
+    cli_routing.add_parsers(sub)
+    cli_instruct.add_parsers(sub)
     return parser
 
 

@@ -82,16 +82,36 @@ def cmd_demo(model_path: str | None, train: bool, out: str, max_new_tokens: int)
     s = outs[0].stats
     print(f"{len(prompts)} prompts: prefill {s.prefill_tokens_per_s:.0f} tok/s, "
           f"decode {s.decode_tokens_per_s:.0f} tok/s (all rows together)")  # fmt: skip
+    _routing(model, tok, out_dir / "routing")
     print("== for scale: the real Mixtral 8x7B (nothing is allocated) ==")
     cmd_info("mixtral-8x7b")
 
 
+def _routing(model, tok, out: Path, tokens_per_domain: int = 4096) -> None:
+    """A quick routing analysis (paper Section 5) over the bundled held-out text; `mixtral routing` does more."""
+    from .analysis.routing import analyze_routing
+    from .analysis.routing_report import write_report
+    from .cli_routing import _print_summary, load_domains
+
+    print(f"== routing analysis: {tokens_per_domain} held-out tokens per domain (paper Section 5) ==")
+    domains, _ = load_domains(tok, {})
+    seq = min(512, model.config.max_seq_len, tokens_per_domain)
+    report = analyze_routing(model, domains, tok, max_tokens=tokens_per_domain, seq_len=seq, n_resamples=100,
+                             progress=False).to_json()  # fmt: skip
+    html = write_report(report, out)
+    _print_summary(report)
+    print(f"report: {html}  (full run: mixtral routing MODEL --out DIR)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="show the shipped mini model: sizes, then text in every corpus domain")
+    p = sub.add_parser(
+        "demo", help="show the shipped mini model: sizes, text in every corpus domain, routing report"
+    )
     p.add_argument("--model", default=None, help="a checkpoint to show instead of the shipped mini model")
     p.add_argument(
         "--train", action="store_true", help="first train a small SMoE from scratch (a few minutes)"
     )
-    p.add_argument("--out", default="runs/demo", help="where --train writes its run (default runs/demo)")
+    p.add_argument("--out", default="runs/demo",
+                   help="where --train writes its run and the routing report goes (default runs/demo)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens per prompt (default 40)")
     p.set_defaults(func=lambda a: cmd_demo(a.model, a.train, a.out, a.max_new_tokens))

@@ -124,10 +124,11 @@ def test_train_list_and_bad_override(capsys):
     assert "expected float" in capsys.readouterr().err
 
 
-def test_demo_on_a_given_model(model_dir, capsys):
-    assert main(["demo", "--model", str(model_dir), "--max-new-tokens", "3"]) == 0
+def test_demo_on_a_given_model(model_dir, tmp_path, capsys):
+    assert main(["demo", "--model", str(model_dir), "--max-new-tokens", "3", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "-- code" in out and "-- fr" in out and "46,702,792,704" in out
+    assert "same 1st" in out and (tmp_path / "routing" / "report.html").exists()
 
 
 def test_train_command_on_user_files(tmp_path, capsys):

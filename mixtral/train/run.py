@@ -56,24 +56,26 @@ def prepare_data(data: DataConfig, tok: Tokenizer, cache: Path) -> tuple[dict, d
     return train_docs, valid_docs
 
 
-def plot_curve(metrics_path: Path, png: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_curve(metrics_path: Path, png: Path, title: str, eval_key: str = "all/loss",
+               ylabel: str = "cross-entropy (nats)") -> None:  # fmt: skip
+    """Training loss and the held-out `eval_key` against tokens seen, from a run's metrics.jsonl."""
+    from matplotlib.figure import Figure
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
     ax.plot([r["tokens_seen"] for r in rows], [r["loss"] for r in rows], label="train loss", lw=1)
-    evals = [r for r in rows if "eval" in r]
+    evals = [r for r in rows if eval_key in r.get("eval", {})]
     ax.plot(
-        [r["tokens_seen"] for r in evals], [r["eval"]["all/loss"] for r in evals], "o-", label="held-out loss"
+        [r["tokens_seen"] for r in evals],
+        [r["eval"][eval_key] for r in evals],
+        "o-",
+        label=f"held-out {eval_key}",
     )
-    ax.set(xlabel="training tokens", ylabel="cross-entropy (nats)", title=title)
+    ax.set(xlabel="training tokens", ylabel=ylabel, title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=110)
-    plt.close(fig)
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:

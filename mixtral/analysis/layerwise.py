@@ -1,0 +1,61 @@
+"""Router logits of a checkpoint computed layer by layer, for models larger than memory.
+
+`LayerwiseModel(path)` never holds more than one decoder layer's weights: it embeds every batch,
+then loads layer 0 from the checkpoint (straight from the safetensors mmap), runs all batches
+through it, frees it, loads layer 1, and so on. Memory is one layer (Mixtral 8x7B: 1.4B parameters,
+2.8 GB in bf16) plus the hidden states of all batches (tokens · dim · dtype: 1M tokens of 8x7B in
+bf16 is 8 GB) plus fp32 router logits (tokens · L · E · 4 bytes), instead of the whole model
+(93 GB in bf16). The output head is never loaded: routing does not need it.
+
+The numbers are those of `Transformer.forward(tokens, positions=...)`, layer for layer (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mixtral.checkpoint import build_meta, load_weights, read_config
+from mixtral.model import rope_cos_sin, segment_mask
+
+
+class LayerwiseModel:
+    """A checkpoint run one layer at a time over a list of batches (see the module docstring)."""
+
+    def __init__(
+        self, path: str | Path, dtype: torch.dtype = torch.bfloat16, check_finite: bool = True
+    ) -> None:
+        self.path, self.dtype, self.check_finite = Path(path), dtype, check_finite
+        self.config = read_config(self.path)[0]
+
+    def _load(self, prefix: str) -> dict[str, torch.Tensor]:
+        _, sd = load_weights(self.path, self.dtype, check_finite=self.check_finite,
+                             select=lambda name: name.startswith(prefix))  # fmt: skip
+        return {name.removeprefix(prefix): t for name, t in sd.items()}
+
+    @torch.inference_mode()
+    def router_logits(
+        self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], progress: bool = False
+    ) -> list[torch.Tensor]:
+        """For each (tokens [B, T], positions [B, T]) batch: router logits [L, B, T, E] in fp32."""
+        cfg = self.config
+        for tokens, _ in batches:
+            if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+        emb = self._load("tok_embeddings.")["weight"]
+        hidden = [F.embedding(tokens, emb) for tokens, _ in batches]
+        del emb
+        out = [torch.empty(cfg.n_layers, *tokens.shape, cfg.n_experts) for tokens, _ in batches]
+        skeleton = build_meta(cfg)
+        for i in tqdm(range(cfg.n_layers), desc="layers", disable=not progress, dynamic_ncols=True):
+            block = skeleton.layers[i]
+            block.load_state_dict(self._load(f"layers.{i}."), strict=True, assign=True)
+            for b, (_, positions) in enumerate(batches):
+                cos_sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
+                hidden[b], out[b][i] = block(hidden[b], cos_sin, segment_mask(positions), None)
+            block.to("meta")  # frees this layer's weights before the next one loads
+        return out

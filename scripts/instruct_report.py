@@ -33,11 +33,21 @@ from mixtral.train.instruct_run import DATA_DIR
 CHATS = [
     [{"role": "user", "content": "Calculate 12 + 30."}],
     [{"role": "user", "content": "Which language is this text written in?\n\nLe chat dort sur la table."}],
-    [{"role": "user", "content": "What is the first word of this sentence?\n\nPython is a programming language."},
-     {"role": "assistant", "content": "Python"},
-     {"role": "user", "content": "Calculate 7 - 9."}],  # fmt: skip
-    [{"role": "user", "content": "What is the name of the function defined in this code?\n\n"
-                                 "def parse_args(argv):\n    return argv[1:]"}],  # fmt: skip
+    [
+        {
+            "role": "user",
+            "content": "What is the first word of this sentence?\n\nPython is a programming language.",
+        },
+        {"role": "assistant", "content": "Python"},
+        {"role": "user", "content": "Calculate 7 - 9."},
+    ],  # fmt: skip
+    [
+        {
+            "role": "user",
+            "content": "What is the name of the function defined in this code?\n\n"
+            "def parse_args(argv):\n    return argv[1:]",
+        }
+    ],  # fmt: skip
 ]
 
 
@@ -104,7 +114,9 @@ def main() -> None:
     pairs, _ = tokenize_preferences(tok, read_preferences(DATA_DIR / "pref_valid.jsonl"), 512)
     pref_stream = PreferenceStream(pairs, shuffle=False)
     corpus, chats = corpus_batches(tok), chat_batches(tok, items)
-    models = {name: load_model(path).eval() for name, path in (("base", a.base), ("sft", a.sft), ("dpo", a.dpo))}
+    models = {
+        name: load_model(path).eval() for name, path in (("base", a.base), ("sft", a.sft), ("dpo", a.dpo))
+    }
     results: dict = {"eval_items": len(items), "pref_valid_pairs": len(pairs), "models": {}}
     for name, model in models.items():
         t0 = time.perf_counter()
@@ -128,7 +140,11 @@ def main() -> None:
         for kind in ("drift_corpus", "drift_chat"):
             row = " ".join(f"{v:6.1%}" for v in results["models"][name][kind]["topk_changed"][:L])
             print(f"  {name:<4} {kind:<13} {row}")
-    print(json.dumps({n: {k: r[k] for k in ("accuracy", "preference_accuracy")} for n, r in results["models"].items()}))
+    print(
+        json.dumps(
+            {n: {k: r[k] for k in ("accuracy", "preference_accuracy")} for n, r in results["models"].items()}
+        )
+    )
 
 
 if __name__ == "__main__":

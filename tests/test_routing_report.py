@@ -145,6 +145,14 @@ def test_top1_and_many_experts(tmp_path):
     assert "e23" in page.read_text(encoding="utf-8")
 
 
+def test_interval_above_a_near_zero_observation(tmp_path):
+    """A random router's JS is below its (upward-biased) bootstrap interval: the report still renders."""
+    report = synthetic_report()
+    sp = report["specialisation"]
+    sp["ci95"] = [[v + 0.01 for v in sp["js_bits"]], [v + 0.03 for v in sp["js_bits"]]]
+    assert write_report(report, tmp_path).exists()
+
+
 def test_import_leaves_matplotlib_alone():
     """The library draws on `matplotlib.figure.Figure`: no pyplot, no backend switch (no global state)."""
     import mixtral.analysis.routing_report as mod

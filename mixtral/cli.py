@@ -177,6 +177,8 @@ def cmd_chat(
         answer = ""
         for piece in stream(model, tok, encode_chat(tok, messages), max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, seed=seed):  # fmt: skip
+            if not answer:  # the reply's first word carries SentencePiece's space after [/INST]
+                piece = piece.lstrip()
             answer += piece
             print(piece, end="", flush=True)
         print()

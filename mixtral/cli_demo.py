@@ -11,7 +11,7 @@ import torch
 
 # One prompt per domain of the bundled corpus.
 DOMAIN_PROMPTS = {
-    "code": "def fibonacci(n):\n",
+    "code": "class Parser(object):\n    def __init__(self, text):\n        self.",
     "math": "Question: Calculate 17 + 25.\nAnswer:",
     "literature": "It is a truth universally acknowledged",
     "encyclopedic": "The Linux kernel is",

@@ -251,6 +251,8 @@ def _text_events(
         return finished[b]
 
     ids = _encode_prompts(tokenizer, prompts)
+    for row, prompt_ids in zip(rows, ids, strict=True):  # text continues the prompt: keeps a leading space
+        row.decoder = StreamDecoder(tokenizer, context=prompt_ids)
     # EOS is handled by the rows, so that it ends up in `ids` but never in the text.
     steps = generate_ids(model, ids, params, max_new_tokens, None, chunk_size, stats, should_stop, compile)
     for step, _ in enumerate(steps):

@@ -296,17 +296,22 @@ class StreamDecoder:
     """Turns token ids arriving one at a time into text, emitting only complete characters.
 
     Invariant: the concatenation of every `push` result and the final `flush` equals
-    `tok.decode(all_ids)`. Each step decodes a short window that starts at the previous emit
+    `tok.decode(all_ids)` (with a `context`: what `tok.decode(context + ids)` adds to
+    `tok.decode(context)`). Each step decodes a short window that starts at the previous emit
     point and subtracts the text already emitted for that window, so SentencePiece's
     dummy-prefix space is stripped on both sides and cancels; a window whose text ends in U+FFFD
     is an unfinished byte-fallback UTF-8 sequence and is held back until its last byte arrives.
     """
 
-    def __init__(self, tok: Tokenizer) -> None:
+    def __init__(self, tok: Tokenizer, context: Sequence[int] = ()) -> None:
+        """`context`: ids already shown (a prompt); the text pushed after them is decoded as their
+        continuation, so a first token that starts a word keeps its leading space."""
         self._tok = tok
-        self._ids: list[int] = []
-        self._prefix = 0  # start of the window; its text up to _read has been emitted
-        self._read = 0
+        self._ids: list[int] = [int(i) for i in context]
+        # start of the window (a few context tokens back, in case the last ones are partial UTF-8
+        # bytes); its text up to _read has been emitted
+        self._prefix = max(0, len(self._ids) - 4)
+        self._read = len(self._ids)
 
     def push(self, token_id: int) -> str:
         """New complete text after `token_id`, or "" if it completes nothing yet."""

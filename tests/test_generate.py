@@ -107,11 +107,27 @@ def test_text_generate_stream_and_batch_agree(tok):
     model = _vocab_model()
     single = generate(model, tok, "Bonjour, je suis", max_new_tokens=12)
     assert single.finish_reason == "length" and len(single.token_ids) == 12
-    assert single.text == tok.decode(single.token_ids)
+    prompt_ids = tok.encode("Bonjour, je suis", bos=True)
+    # the text continues the prompt (as vLLM and OpenAI completions): prompt + text == the whole decode
+    assert tok.decode(prompt_ids) + single.text == tok.decode(prompt_ids + single.token_ids)
     pieces = list(stream(model, tok, "Bonjour, je suis", max_new_tokens=12))
     assert "".join(pieces) == single.text and all(pieces)
     batch = generate(model, tok, ["Bonjour, je suis", "def f(x):"], max_new_tokens=12)
     assert batch[0].text == single.text and batch[0].token_ids == single.token_ids
+
+
+def test_continuation_keeps_the_space_before_its_first_word(tok):
+    """A first generated token that starts a word must not be glued to the prompt ("de" + "la")."""
+    from mixtral.generate import generate
+
+    model = _vocab_model()
+    word = tok.encode("la", bos=False)
+    assert len(word) == 1 and tok.decode(tok.encode("de", bos=True) + word) == "de la"
+    bonus = torch.zeros(32000)
+    bonus[word[0]] = 1e4  # make "▁la" the model's favourite token
+    model.output.register_forward_hook(lambda module, args, out: out + bonus)
+    out = generate(model, tok, "permet de", max_new_tokens=2)
+    assert out.token_ids[0] == word[0] and out.text.startswith(" la")
 
 
 def test_stop_string_truncates_and_stream_never_shows_it(tok):
@@ -137,7 +153,8 @@ def test_eos_ends_text_generation(tok):
         model.output.weight[tok.eos_id] = model.output.weight.mean(0) + 5 * model.norm.weight
     out = generate(model, tok, "Hello", max_new_tokens=8)
     assert out.finish_reason == "eos" and out.token_ids[-1] == tok.eos_id
-    assert out.text == tok.decode(out.token_ids)
+    prompt_ids = tok.encode("Hello", bos=True)
+    assert tok.decode(prompt_ids) + out.text == tok.decode(prompt_ids + out.token_ids[:-1])
 
 
 def test_compiled_decode_step_equals_eager(model):

@@ -9,6 +9,7 @@ import torch
 
 from mixtral.checkpoint import load_model
 from mixtral.generate import generate
+from mixtral.model import Transformer
 from mixtral.tokenizer import load_tokenizer
 
 MINI = Path(__file__).resolve().parent.parent / "models" / "mini"
@@ -35,18 +36,37 @@ def test_transformers_loads_it_with_the_same_logits(mini):
         assert (hf(tokens).logits - model(tokens).logits).abs().max() < 1e-4
 
 
+CODE_PROMPT = "class Parser(object):\n    def __init__(self, text):\n        self."
+FRENCH_PROMPT = "La commande suivante permet de"
+FRENCH_WORDS = ("le", "la", "les", "de", "des", "un", "une", "est", "et", "du", "dans", "pour", "par", "en")
+
+
+def _looks_like_python(text: str) -> bool:
+    return sum(m in text for m in ("self", "(", ")", "\n    ", "if ", "return", ":\n", "None")) >= 5
+
+
+def _looks_french(text: str) -> bool:
+    return sum(w in FRENCH_WORDS for w in text.split()) >= 4
+
+
+def _samples(model, tok) -> tuple[str, str]:
+    """What `mixtral generate --temperature 0.7 --top-p 0.9 --seed 1` writes for the two prompts."""
+    kw = dict(max_new_tokens=60, temperature=0.7, top_p=0.9, seed=1)
+    return generate(model, tok, CODE_PROMPT, **kw).text, generate(model, tok, FRENCH_PROMPT, **kw).text
+
+
 def test_it_writes_recognisable_code_and_french(mini):
-    """A random model of the same shape fails both checks; the trained one passes them."""
+    """Sampled text: Python after a Python prompt, French after a French one (greedy decoding of a
+    model this small falls into loops)."""
+    code, french = _samples(*mini)
+    assert _looks_like_python(code), code
+    assert _looks_french(french), french
+    assert not _looks_french(code) and not _looks_like_python(french)
+
+
+def test_an_untrained_model_fails_the_same_checks(mini):
     model, tok = mini
-    code = generate(model, tok, "import os\nimport sys\n\n\ndef main():\n    ", max_new_tokens=40)
-    assert sum(m in code.text for m in ("self", "(", ")", "\n    ", "if ", "return", "append")) >= 4, (
-        code.text
-    )
-    french = generate(
-        model, tok, "La commande suivante permet de", max_new_tokens=40, temperature=0.7, top_p=0.9, seed=1
-    )
-    words = french.text.split()
-    assert (
-        sum(w in ("le", "la", "les", "de", "des", "un", "une", "est", "et", "du", "veuillez") for w in words)
-        >= 3
-    ), french.text
+    torch.manual_seed(0)
+    random = Transformer(model.config).eval()
+    code, french = _samples(random, tok)
+    assert not _looks_like_python(code) and not _looks_french(french)

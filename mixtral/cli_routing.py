@@ -82,7 +82,7 @@ def _print_summary(r: dict) -> None:
     k = r["top_k"]
     print(f"{int(tokens.sum()):,} tokens over {len(r['domains'])} domains; E={r['n_experts']}, top-{k}")
     print(f"{'layer':>5} {'JS bits':>8} {'null p95':>9} {'same 1st':>9} {'(random)':>9} {'top-k ovl':>9} "
-          f"{'(random)':>9} {'LRU hit c=' + str(k):>12} {'(random)':>9}")  # fmt: skip
+          f"{'(random)':>9} {'LRU hit c=' + str(k):>12} {'(random)':>9} {'token/domain':>13}")  # fmt: skip
     for layer in r["layers"]:
         same = sum(
             wi * r["repetition"][d]["same_first"][layer] for wi, d in zip(w, r["domains"], strict=True)
@@ -92,8 +92,15 @@ def _print_summary(r: dict) -> None:
         )
         hit = sum(wi * r["cache"]["routed"][d][layer][k - 1] for wi, d in zip(w, r["domains"], strict=True))
         rnd = sum(wi * r["cache"]["random"][d][layer][k - 1] for wi, d in zip(w, r["domains"], strict=True))
+        tvd = r.get("token_vs_domain")
+        identity = f"{tvd['token_modal'][layer]:.0%}/{tvd['domain_modal'][layer]:.0%}" if tvd else "n/a"
         print(f"{layer:>5} {sp['js_bits'][layer]:>8.4f} {sp['null_p95'][layer]:>9.4f} {same:>9.1%} "
-              f"{base['same_first']:>9.1%} {ovl:>9.1%} {base['topk_overlap']:>9.1%} {hit:>12.1%} {rnd:>9.1%}")  # fmt: skip
+              f"{base['same_first']:>9.1%} {ovl:>9.1%} {base['topk_overlap']:>9.1%} {hit:>12.1%} {rnd:>9.1%} "
+              f"{identity:>13}")  # fmt: skip
+    print(
+        "token/domain: share of tokens whose first choice is the one their token id usually gets / "
+        "the one their domain usually gets"
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -80,8 +80,13 @@ def test_router_keyed_on_token_id_gives_expected_shares():
     tokens = torch.multinomial(probs, B * T, replacement=True, generator=g).view(B, T)
     logits = 4.0 * torch.nn.functional.one_hot(tokens, E).float()
     logits += 1.0 * torch.nn.functional.one_hot((tokens + 1) % E, E).float()
-    stats = RoutingStats(1, E, 2, ["a", "b"])
-    stats.update("a", logits[None], torch.arange(T).expand(B, T))
+    stats = RoutingStats(1, E, 2, ["a", "b"], vocab_size=E)
+    stats.update("a", logits[None], torch.arange(T).expand(B, T), tokens)
+    tvd = stats.token_vs_domain(min_count=1)
+    assert tvd["token_modal"] == [1.0] and tvd["token_modal_frequent"] == [1.0]  # the token decides
+    assert tvd["domain_modal"][0] == pytest.approx(
+        float((tokens == 0).double().mean())
+    )  # expert 0 is the mode
     counts = torch.bincount(tokens.flatten(), minlength=E).double() / (B * T)
     share = stats.shares()
     np.testing.assert_allclose(share["first"][0, 0], counts.numpy())
@@ -89,6 +94,8 @@ def test_router_keyed_on_token_id_gives_expected_shares():
     np.testing.assert_allclose(share["either"][0, 0], ((counts + counts.roll(1)) / 2).numpy())
     same = (tokens[:, 1:] == tokens[:, :-1]).double().mean()
     assert stats.repetition()["same_first"][0, 0] == pytest.approx(float(same))
+    # tokens are drawn independently, so repetition is what the unbalanced shares give: sum p^2
+    assert float(same) == pytest.approx(float((counts**2).sum()), abs=0.03)
 
 
 def test_pairs_never_cross_documents_or_padding():
@@ -179,6 +186,8 @@ def test_analysis_agrees_with_a_plain_recomputation():
     result = analyze_routing(model, data, layers="all", max_tokens=None, seq_len=seq_len, batch_size=bs,
                              n_resamples=20, progress=False, keep_traces=True)  # fmt: skip
     report = result.to_json()
+    by_token = np.zeros((cfg.n_layers, cfg.vocab_size, cfg.n_experts))
+    domain_mode = np.zeros(cfg.n_layers)
     for domain, docs in data.items():
         same, overlap, pairs = np.zeros(cfg.n_layers), np.zeros(cfg.n_layers), 0
         first = np.zeros((cfg.n_layers, cfg.n_experts))
@@ -193,6 +202,7 @@ def test_analysis_agrees_with_a_plain_recomputation():
                     for layer in range(cfg.n_layers):
                         top = router[layer, b, t].topk(2).indices.tolist()
                         first[layer, top[0]] += 1
+                        by_token[layer, int(batch.inputs[b, t]), top[0]] += 1
                         if t + 1 < len(pos) and pos[t + 1] == pos[t] + 1:
                             nxt = router[layer, b, t + 1].topk(2).indices.tolist()
                             same[layer] += top[0] == nxt[0]
@@ -205,7 +215,13 @@ def test_analysis_agrees_with_a_plain_recomputation():
         np.testing.assert_allclose(
             report["expert_share"][domain]["first"], first / first.sum(1, keepdims=True)
         )
+        shares = first / first.sum(1, keepdims=True)
+        np.testing.assert_allclose(report["repetition"][domain]["same_first_independent"], (shares**2).sum(1))
         assert result.traces[domain].shape == (cfg.n_layers, docs.n_tokens, 2)
+        domain_mode += first.max(1)
+    n = sum(d.n_tokens for d in data.values())
+    np.testing.assert_allclose(report["token_vs_domain"]["token_modal"], by_token.max(-1).sum(-1) / n)
+    np.testing.assert_allclose(report["token_vs_domain"]["domain_modal"], domain_mode / n)
     assert len(report["samples"]) == 2 and report["timing"]["tokens"] == sum(
         d.n_tokens for d in data.values()
     )

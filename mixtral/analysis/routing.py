@@ -119,9 +119,12 @@ class RoutingAnalysis:
                 d: {
                     "same_first": rep["same_first"][i].tolist(),
                     "topk_overlap": rep["topk_overlap"][i].tolist(),
+                    # what independent tokens would give with this domain's (unbalanced) first-choice shares
+                    "same_first_independent": (shares["first"][i] ** 2).sum(-1).tolist(),
                 }
                 for i, d in enumerate(s.domains)
             },
+            "token_vs_domain": s.token_vs_domain() if s.token_expert is not None else None,
             "cache": {
                 "sizes": list(range(1, s.n_experts + 1)),
                 "routed": {d: routed[i].tolist() for i, d in enumerate(s.domains)},
@@ -221,7 +224,7 @@ def analyze_routing(
     if max_tokens is not None and max_tokens < seq_len:
         raise ValueError(f"max_tokens {max_tokens} is less than one sequence ({seq_len} tokens)")
     chosen = parse_layers(layers, cfg.n_layers)
-    stats = RoutingStats(cfg.n_layers, cfg.n_experts, cfg.top_k, list(data))
+    stats = RoutingStats(cfg.n_layers, cfg.n_experts, cfg.top_k, list(data), vocab_size=cfg.vocab_size)
     budget = {
         d: docs.n_tokens if max_tokens is None else min(max_tokens, docs.n_tokens) for d, docs in data.items()
     }
@@ -240,8 +243,8 @@ def analyze_routing(
     try:
         for i, router in enumerate(_route_all(model, batches, bar)):
             if i < len(work):
-                domain, _, positions = work[i]
-                stats.update(domain, router, positions)
+                domain, tokens, positions = work[i]
+                stats.update(domain, router, positions, tokens)
                 if keep_traces:
                     ids = torch.topk(router, cfg.top_k, dim=-1).indices[:, positions >= 0]
                     traces[domain].append(

@@ -282,15 +282,25 @@ def _summary(report: dict) -> str:
     rows = []
     for layer in report["layers"]:
         same = float(np.mean([report["repetition"][d]["same_first"][layer] for d in dom]))
+        indep = [
+            report["repetition"][d].get("same_first_independent", [None] * (layer + 1))[layer] for d in dom
+        ]
+        indep_txt = f" ({_pct(float(np.mean(indep)))}% if independent)" if None not in indep else ""
         over = float(np.mean([report["repetition"][d]["topk_overlap"][layer] for d in dom]))
         js, p95 = sp["js_bits"][layer], sp["null_p95"][layer]
         verdict = (
             '<span class="good">above null</span>' if js > p95 else '<span class="bad">within null</span>'
         )
+        tvd = report.get("token_vs_domain")
+        identity = (
+            f"{_pct(tvd['token_modal'][layer])}% vs {_pct(tvd['domain_modal'][layer])}%" if tvd else "n/a"
+        )
         rows.append([layer, f"{js:.4f} [{sp['ci95'][0][layer]:.4f}, {sp['ci95'][1][layer]:.4f}]", f"{p95:.4f}",
-                     f"{sp['p_value'][layer]:.3g}", verdict, f"{_pct(same)}% vs {_pct(base['same_first'])}%",
+                     f"{sp['p_value'][layer]:.3g}", verdict, identity,
+                     f"{_pct(same)}% vs {_pct(base['same_first'])}%{indep_txt}",
                      f"{_pct(over)}% vs {_pct(base['topk_overlap'])}%"])  # fmt: skip
     header = ["layer", "JS bits [95% CI]", "null p95", "p-value", "specialisation",
+              "1st choice = token's usual vs domain's usual",
               "same first (mean over domains) vs random", f"top-{report['top_k']} overlap vs random"]  # fmt: skip
     return _table(header, rows)
 

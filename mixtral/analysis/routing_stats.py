@@ -12,11 +12,17 @@ Definitions (E experts, top-k routing, choices ordered by decreasing router logi
   uniform routing gives 1/E for all three (the paper's Figure 7 line).
 - repetition (Table 5): over pairs (i, i+1) of consecutive tokens of the same document, the share
   with the same first choice, and with overlapping top-k sets. Random baselines: 1/E and
-  1 - C(E-k, k) / C(E, k).
+  1 - C(E-k, k) / C(E, k). With unbalanced experts, independent tokens already repeat their first
+  choice with probability sum_e share_first(e)^2 (`same_first_independent` in the report): the
+  part of the repetition that imbalance alone explains.
 - specialisation: generalised Jensen-Shannon divergence (bits, equal domain weights) between the
   domains' "either" distributions, per layer: H(mean_d P_d) - mean_d H(P_d). 0 = identical routing;
   1 bit = disjoint for two domains. Its sampling noise is measured by a sequence-level bootstrap
   (interval) and by a permutation null (domain labels shuffled across sequences).
+- token identity vs domain ("routing follows syntax", paper Figure 8, as a number): per layer, the
+  share of tokens whose first choice is the one their token id most often gets, against the share
+  whose first choice is the one their domain most often gets. Needs the token ids (`tokens_BT`);
+  memory L · vocab · E counters (int32).
 - expert cache: hit rate of a per-layer LRU cache of c = 1..E experts while each sequence is
   decoded token by token. A token's k experts are looked up in the cache as it was before that
   token, then become the most recently used (first choice most recent).
@@ -139,7 +145,9 @@ def lru_hit_histogram(ids_LBTK: torch.Tensor, valid_BT: torch.Tensor, n_experts:
 class RoutingStats:
     """Accumulates shares, repetition, per-sequence counts and LRU depths over batches of one domain each."""
 
-    def __init__(self, n_layers: int, n_experts: int, top_k: int, domains: Sequence[str]) -> None:
+    def __init__(
+        self, n_layers: int, n_experts: int, top_k: int, domains: Sequence[str], vocab_size: int | None = None
+    ) -> None:
         self.n_layers, self.n_experts, self.top_k = n_layers, n_experts, top_k
         self.domains = list(domains)
         D, L, E = len(self.domains), n_layers, n_experts
@@ -155,10 +163,19 @@ class RoutingStats:
         self._seq_counts: list[np.ndarray] = []
         self._seq_domain: list[np.ndarray] = []
         self._rng = torch.Generator().manual_seed(0)
+        self.vocab_size = vocab_size
+        self.token_expert = np.zeros((L, vocab_size, E), dtype=np.int32) if vocab_size else None
 
-    def update(self, domain: str, router_logits_LBTE: torch.Tensor, positions_BT: torch.Tensor) -> None:
+    def update(
+        self,
+        domain: str,
+        router_logits_LBTE: torch.Tensor,
+        positions_BT: torch.Tensor,
+        tokens_BT: torch.Tensor | None = None,
+    ) -> None:
         """Add one batch of `domain`. Tokens with position < 0 are padding; a pair (t, t+1) counts
-        only when position t+1 == position t + 1 (same document, no boundary in between)."""
+        only when position t+1 == position t + 1 (same document, no boundary in between).
+        `tokens_BT` (the input ids) feed the token-identity counters when `vocab_size` was given."""
         L, B, T, E = router_logits_LBTE.shape
         if (L, E) != (self.n_layers, self.n_experts):
             raise ValueError(f"router logits have {L} layers x {E} experts; stats expect "
@@ -170,6 +187,14 @@ class RoutingStats:
         d = self.domains.index(domain)
         ids_LBTK = torch.topk(router_logits_LBTE.float(), self.top_k, dim=-1).indices  # as moe.route
         self.add_ids(d, ids_LBTK, positions_BT)
+        if self.token_expert is not None and tokens_BT is not None:
+            V, E = self.vocab_size, self.n_experts
+            real = positions_BT >= 0
+            first_LN = ids_LBTK[..., 0][:, real]  # [L, N]
+            key = (torch.arange(L).view(L, 1) * V + tokens_BT[real].view(1, -1)) * E + first_LN
+            self.token_expert += (
+                torch.bincount(key.flatten(), minlength=L * V * E).view(L, V, E).to(torch.int32).numpy()
+            )
 
     def add_ids(self, d: int, ids_LBTK: torch.Tensor, positions_BT: torch.Tensor) -> None:
         L, B, T, K = ids_LBTK.shape
@@ -226,6 +251,26 @@ class RoutingStats:
         hist = (self.lru_random if random else self.lru).astype(np.float64)
         requests = np.maximum(hist.sum(-1, keepdims=True), 1)
         return np.cumsum(hist[..., : self.n_experts], -1) / requests
+
+    def token_vs_domain(self, min_count: int = 20) -> dict[str, list[float] | float]:
+        """Per layer: share of tokens at their token id's most frequent first choice ("token_modal"),
+        the same over token ids seen at least `min_count` times ("token_modal_frequent", which are
+        "frequent_share" of all tokens; rare ids are trivially consistent), and the share at their
+        domain's most frequent first choice ("domain_modal")."""
+        if self.token_expert is None:
+            raise ValueError("token identity needs RoutingStats(vocab_size=...) and tokens in update()")
+        counts = self.token_expert.astype(np.int64)  # [L, V, E]
+        n = max(1, int(self.tokens.sum()))
+        per_token = counts[0].sum(-1)  # [V], the same at every layer
+        frequent = per_token >= min_count
+        return {
+            "token_modal": (counts.max(-1).sum(-1) / n).tolist(),
+            "token_modal_frequent": (
+                counts[:, frequent].max(-1).sum(-1) / max(1, per_token[frequent].sum())
+            ).tolist(),
+            "frequent_share": float(per_token[frequent].sum() / n),
+            "domain_modal": (self.first.max(-1).sum(0) / n).tolist(),
+        }
 
     def specialisation(self, n_resamples: int = 200, seed: int = 0) -> Specialisation:
         counts = (

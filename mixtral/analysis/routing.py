@@ -176,8 +176,10 @@ def _route_all(
     model: nn.Module | LayerwiseModel, batches: list[tuple[torch.Tensor, torch.Tensor]], bar: tqdm
 ) -> Iterator[torch.Tensor]:
     """Router logits [L, B, T, E] of each (tokens, positions) batch, in order."""
-    if isinstance(model, LayerwiseModel):
-        yield from model.router_logits(batches, progress=not bar.disable)
+    if isinstance(model, LayerwiseModel):  # its own bar counts layers; every token is done at the end
+        routers = model.router_logits(batches, progress=not bar.disable)
+        bar.update(bar.total - bar.n)
+        yield from routers
         return
     with torch.inference_mode():
         for tokens, positions in batches:

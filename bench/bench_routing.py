@@ -26,25 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_e2e import versions  # noqa: E402
 
-from mixtral.analysis.routing import analyze_routing  # noqa: E402
+from mixtral.analysis.routing import analysis_batches, analyze_routing  # noqa: E402
 from mixtral.checkpoint import load_model  # noqa: E402
 from mixtral.cli_routing import load_domains  # noqa: E402
-from mixtral.data.packing import PackedStream  # noqa: E402
 from mixtral.tokenizer import load_tokenizer  # noqa: E402
-
-
-def batches(data, per_domain: int, seq_len: int, batch_size: int) -> list:
-    """The packed batches analyze_routing will see (same stream, same truncation)."""
-    out = []
-    for domain, docs in data.items():
-        left = min(per_domain, docs.n_tokens)
-        for b in PackedStream({domain: docs}, seq_len, shuffle=False, loop=False).batches(batch_size):
-            if left <= 0:
-                break
-            rows = min(b.inputs.shape[0], -(-left // seq_len))
-            out.append((b.inputs[:rows], b.positions[:rows]))
-            left -= int((b.positions[:rows] >= 0).sum())
-    return out
 
 
 def main() -> None:
@@ -61,7 +46,10 @@ def main() -> None:
     model = load_model(a.model).eval()
     data, _ = load_domains(tok, {})
     per_domain = a.tokens // len(data)
-    work = batches(data, per_domain, a.seq_len, a.batch_size)
+    budget = {d: min(per_domain, docs.n_tokens) for d, docs in data.items()}
+    work = [
+        (x, pos) for _, x, pos in analysis_batches(data, budget, a.seq_len, a.batch_size)
+    ]  # what it will see
     n_tokens = sum(int((pos >= 0).sum()) for _, pos in work)
 
     with torch.inference_mode():

@@ -91,7 +91,7 @@ def _routing(model, tok, out: Path, tokens_per_domain: int = 4096) -> None:
     """A quick routing analysis (paper Section 5) over the bundled held-out text; `mixtral routing` does more."""
     from .analysis.routing import analyze_routing
     from .analysis.routing_report import write_report
-    from .cli_routing import _print_summary, load_domains
+    from .cli_routing import load_domains, print_summary
 
     print(f"== routing analysis: {tokens_per_domain} held-out tokens per domain (paper Section 5) ==")
     domains, _ = load_domains(tok, {})
@@ -99,7 +99,7 @@ def _routing(model, tok, out: Path, tokens_per_domain: int = 4096) -> None:
     report = analyze_routing(model, domains, tok, max_tokens=tokens_per_domain, seq_len=seq, n_resamples=100,
                              progress=False).to_json()  # fmt: skip
     html = write_report(report, out)
-    _print_summary(report)
+    print_summary(report)
     print(f"report: {html}  (full run: mixtral routing MODEL --out DIR)")
 
 

@@ -71,11 +71,11 @@ def cmd_routing(a: argparse.Namespace) -> None:
         tmp = Path(a.out) / "traces.tmp.npz"
         np.savez_compressed(tmp, **analysis.traces)
         os.replace(tmp, Path(a.out) / "traces.npz")
-    _print_summary(report)
+    print_summary(report)
     print(f"report: {html}")
 
 
-def _print_summary(r: dict) -> None:
+def print_summary(r: dict) -> None:
     base, sp = r["baselines"], r["specialisation"]
     tokens = np.array([r["tokens"][d] for d in r["domains"]], dtype=float)
     w = tokens / tokens.sum()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mixtral import load_model, load_tokenizer
-from mixtral.analysis.routing import _analysis_batches, analyze_routing
+from mixtral.analysis.routing import analysis_batches, analyze_routing
 from mixtral.cli_routing import load_domains
 
 torch.set_num_threads(1)
@@ -22,7 +22,7 @@ data, _ = load_domains(tok, {})
 N = 20000
 res = analyze_routing(m, data, tok, max_tokens=N, keep_traces=True, progress=False, n_resamples=10)
 budget = {d: min(N, docs.n_tokens) for d, docs in data.items()}
-work = _analysis_batches(data, budget, 512, 8)
+work = analysis_batches(data, budget, 512, 8)
 ids = collections.defaultdict(list)
 for d, x, p in work:
     ids[d].append(x[p >= 0].numpy())

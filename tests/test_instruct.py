@@ -174,3 +174,6 @@ def test_sft_and_dpo_commands(tiny_dir, tmp_path, capsys):
         == 2
     )
     assert main(["dpo", str(tiny_dir), "--data", str(pref), "--out", str(tmp_path / "e"), "--beta", "0"]) == 2
+    # hyperparameters are checked before any data is read or reference computed
+    assert main(["dpo", str(tiny_dir), "--out", str(tmp_path / "f"), "--label-smoothing", "0.7"]) == 2
+    assert "label_smoothing" in capsys.readouterr().err and not (tmp_path / "f").exists()

@@ -235,6 +235,9 @@ def test_analysis_rejects_bad_arguments():
         analyze_routing(model, {"x": docs}, progress=False)
     with pytest.raises(ValueError, match="seq_len"):
         analyze_routing(model, {"x": docs, "y": docs}, seq_len=10_000, progress=False)
+    for bad in ({"batch_size": 0}, {"n_resamples": 0}, {"sample_tokens": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
+            analyze_routing(model, {"x": docs, "y": docs}, seq_len=64, progress=False, **bad)
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def _sample_batches(data: Mapping[str, TokenizedDocs], n: int, length: int) -> l
     return out
 
 
-def _analysis_batches(
+def analysis_batches(
     data: Mapping[str, TokenizedDocs], budget: Mapping[str, int], seq_len: int, batch_size: int
 ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(domain, tokens, positions) of every packed batch, the last one cut to the token budget."""
@@ -223,6 +223,10 @@ def analyze_routing(
         raise ValueError(f"routing analysis compares domains: give at least two, got {list(data)}")
     if not 2 <= seq_len <= cfg.max_seq_len:
         raise ValueError(f"seq_len {seq_len} must be in [2, max_seq_len={cfg.max_seq_len}]")
+    for name, value, low in (("batch_size", batch_size, 1), ("n_resamples", n_resamples, 1),
+                             ("samples_per_domain", samples_per_domain, 0), ("sample_tokens", sample_tokens, 1)):  # fmt: skip
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
     if max_tokens is not None and max_tokens < seq_len:
         raise ValueError(f"max_tokens {max_tokens} is less than one sequence ({seq_len} tokens)")
     chosen = parse_layers(layers, cfg.n_layers)
@@ -230,7 +234,7 @@ def analyze_routing(
     budget = {
         d: docs.n_tokens if max_tokens is None else min(max_tokens, docs.n_tokens) for d, docs in data.items()
     }
-    work = _analysis_batches(data, budget, seq_len, batch_size)
+    work = analysis_batches(data, budget, seq_len, batch_size)
     sample_rows = _sample_batches(data, samples_per_domain, sample_tokens)
     batches = [(x, p) for _, x, p in work] + [(x, torch.arange(x.shape[1])[None]) for _, x in sample_rows]
     traces: dict[str, list[np.ndarray]] = {d: [] for d in data}

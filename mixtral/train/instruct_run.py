@@ -27,7 +27,7 @@ from ..data.instruct import (
 )
 from ..errors import DataError
 from ..tokenizer import load_tokenizer
-from .instruct import DPOObjective, evaluate_dpo, reference_logprobs, sft_objective
+from .instruct import DPOObjective, dpo_loss, evaluate_dpo, reference_logprobs, sft_objective
 from .loop import TrainConfig, train
 from .losses import masked_cross_entropy
 from .run import plot_curve
@@ -49,6 +49,14 @@ class InstructConfig:
     beta: float = 0.1  # DPO temperature
     label_smoothing: float = 0.0  # conservative DPO
     reference: str = "precomputed"  # "precomputed" (one pass, no second model) or "copy" (frozen model)
+
+    def __post_init__(self) -> None:
+        if self.reference not in ("precomputed", "copy"):
+            raise ValueError(f"reference must be precomputed or copy, not {self.reference!r}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        z = torch.zeros(1)
+        dpo_loss(z, z, z, z, self.beta, self.label_smoothing)  # raises on a bad beta or label_smoothing
 
 
 def _files(
@@ -139,8 +147,6 @@ def run_dpo(
     progress: bool = True,
 ) -> dict:
     """DPO from `model_path` (also the reference); returns held-out reward metrics before and after."""
-    if icfg.reference not in ("precomputed", "copy"):
-        raise ValueError(f"reference must be precomputed or copy, not {icfg.reference!r}")
     train_path, valid_path = _files("pref", train_file, valid_file)
     model, tok, out = _start(model_path, out_dir, {"kind": "dpo", "base": str(model_path), "train_file": train_path,
                                                    "valid_file": valid_path, "train": dataclasses.asdict(cfg),

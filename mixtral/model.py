@@ -284,6 +284,11 @@ class Transformer(nn.Module):
                 raise ValueError("a KV-cache forward is for inference: run it under torch.no_grad()")
             if cache.k.shape[1] != B:
                 raise ValueError(f"cache was allocated for batch {cache.k.shape[1]}, got batch {B}")
+            if cache.k.dtype != self.tok_embeddings.weight.dtype:
+                raise ValueError(
+                    f"cache was allocated as {cache.k.dtype} but the model computes in "
+                    f"{self.tok_embeddings.weight.dtype}; pass dtype= to KVCache.allocate"
+                )
             if cache.length + T > cache.max_len:
                 raise GenerationError(
                     f"{cache.length} cached + {T} new tokens exceed the cache length of {cache.max_len}"

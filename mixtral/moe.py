@@ -5,8 +5,10 @@ SwiGLU_i(x) = w2_i(silu(w1_i x) ⊙ w3_i x). Dropless: every token reaches exact
 
 Dispatch strategies share one signature, `(x_TD, ids_TK, weights_TK, experts) -> y_TD`:
 - `dispatch_loop`: the slow, obvious reference (mask tokens per expert), used by tests;
-- `dispatch_sorted`: token slots sorted by expert, one matmul pair per non-empty expert group on
-  contiguous rows, no per-token weight copies; prefill and training (differentiable);
+- `dispatch_sorted`: token slots sorted by expert, one matmul triple per non-empty expert group on
+  contiguous rows, no per-token weight copies; prefill and training (differentiable; for stacked
+  `Experts` through `grouped.grouped_swiglu`, whose backward writes the stacked weight gradients
+  in place);
 - `dispatch_kernel`: the compiled decode kernel (mixtral.kernels): experts grouped in C++ and each
   selected expert's weights streamed once for all its rows; no host sync, inference only.
 `choose_dispatch` picks kernel for few tokens without autograd, sorted otherwise. All are tested
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .grouped import grouped_swiglu
 
 KERNEL_MAX_SLOTS = 64  # token·k slots up to which the streaming kernel beats sorted matmuls here
 
@@ -89,9 +92,12 @@ def dispatch_sorted(
     order_S = torch.argsort(flat_ids_S, stable=True)
     counts = torch.bincount(flat_ids_S, minlength=E).tolist()
     x_SD = x_TD[order_S // K]
-    ws = experts.weights()
-    outs = [_swiglu(rows_ND, *ws[e]) for e, rows_ND in enumerate(x_SD.split(counts)) if counts[e]]
-    y_sorted_SD = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if isinstance(experts, Experts):  # stacked parameters: one grouped op, gradients written in place
+        y_sorted_SD = grouped_swiglu(x_SD, counts, experts.w1, experts.w3, experts.w2)
+    else:
+        ws = experts.weights()
+        outs = [_swiglu(rows_ND, *ws[e]) for e, rows_ND in enumerate(x_SD.split(counts)) if counts[e]]
+        y_sorted_SD = torch.cat(outs) if len(outs) > 1 else outs[0]
     inverse_S = torch.empty_like(order_S)
     inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
     y_SD = y_sorted_SD[inverse_S] * weights_TK.reshape(-1, 1)

@@ -2,9 +2,11 @@
 
 Applied from outside the model (gpt-fast style): `quantize_model(model, "int8")` swaps each
 `Experts` for `CompressedExperts` and, if asked, each attention/output `Linear` for
-`CompressedLinear`. Activations stay fp32. Decode streams the compressed weights through the CPU
-kernel (4× fewer bytes for int8, 2× for bf16); prefill and any path without the kernel dequantise
-one matrix at a time and use fp32 matmuls (this CPU has no fast int8 or bf16 matmul).
+`CompressedLinear`. Decode streams the compressed weights through the CPU kernel (4× fewer bytes
+for int8, 2× for bf16; activations fp32 inside the kernel); prefill and any path without the kernel
+dequantise one matrix at a time to the model's compute dtype (that of the weights replaced) and use
+torch's matmul: quantize a bf16 model to get bf16 prefill matmuls, which CPUs with AVX512-BF16 or
+AMX run about 3× faster than fp32 (measured in docs/performance.md).
 
 int8 is symmetric per output channel (row): scale = max|w_row| / 127, q = round(w / scale), so
 |w - q·scale| <= scale / 2 elementwise. Compressed models are for inference: no gradients.
@@ -38,13 +40,15 @@ def compress(w: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor 
     return q.contiguous(), scale.contiguous()
 
 
-def decompress(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """The fp32 weight a stored (q, scale) pair represents."""
-    return q.float() if scale is None else q.float() * scale.unsqueeze(-1)
+def decompress(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight a stored (q, scale) pair represents, in `dtype` (scaled in fp32, then cast)."""
+    if scale is None:
+        return q.to(dtype)
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
 
 
 class _Dequantised:
-    """Indexable view of CompressedExperts: item e is expert e's weights in fp32, made on access."""
+    """Indexable view of CompressedExperts: item e is expert e's weights in the compute dtype, made on access."""
 
     def __init__(self, experts: CompressedExperts) -> None:
         self.experts = experts
@@ -53,7 +57,9 @@ class _Dequantised:
         x = self.experts
         return tuple(  # type: ignore[return-value]
             decompress(
-                getattr(x, n)[e], None if getattr(x, f"s{n[1]}") is None else getattr(x, f"s{n[1]}")[e]
+                getattr(x, n)[e],
+                None if getattr(x, f"s{n[1]}") is None else getattr(x, f"s{n[1]}")[e],
+                x.compute_dtype,
             )
             for n in ("w1", "w3", "w2")
         )
@@ -65,6 +71,7 @@ class CompressedExperts(nn.Module):
     def __init__(self, experts: Experts, storage: str) -> None:
         super().__init__()
         self.storage = storage
+        self.compute_dtype = experts.w1.dtype  # prefill dequantises to the dtype it replaces
         for name in ("w1", "w3", "w2"):
             q, s = compress(getattr(experts, name), storage)
             self.register_buffer(name, q)
@@ -95,7 +102,7 @@ class CompressedLinear(nn.Module):
         if use_kernel(x):
             y = kernels.linear(x.reshape(-1, x.shape[-1]).float(), self.weight, self.scale)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
-        return F.linear(x, decompress(self.weight, self.scale).to(x.dtype))
+        return F.linear(x, decompress(self.weight, self.scale, x.dtype))
 
 
 def quantize_model(

@@ -86,3 +86,28 @@ def test_quantize_rejects_unknown_options():
         quantize_model(model, "int4")
     with pytest.raises(ValueError, match="target"):
         quantize_model(model, "int8", ("embeddings",))
+
+
+@pytest.mark.parametrize("storage", ["int8", "bf16"])
+def test_quantized_bf16_model_prefills_in_bf16(storage):
+    """A bf16 model keeps computing in bf16 after quantization: prefill (sorted path, > 64 slots)
+    dequantises to bf16, and equals the same model's fp32 dequantised computation to bf16 precision."""
+    torch.manual_seed(0)
+    ref = quantize_model(Transformer(tiny_config()).eval(), storage, ("experts", "attention", "output"))
+    model = quantize_model(Transformer(tiny_config()).eval().to(torch.bfloat16), storage, ("experts", "attention", "output"))
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ref.state_dict().items()})
+    experts = model.layers[0].feed_forward.experts
+    assert experts.compute_dtype == torch.bfloat16 and experts.weights()[0][0].dtype == torch.bfloat16
+    tokens = torch.randint(0, 97, (2, 40))  # 80 slots: the sorted matmul path
+    with torch.no_grad():
+        out = model(tokens).logits
+        expected = ref(tokens).logits
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_cache_dtype_must_match_the_model():
+    model = Transformer(tiny_config()).eval().to(torch.bfloat16)
+    cache = KVCache.allocate(model.config, 1, 8)  # fp32 by default
+    with torch.no_grad(), pytest.raises(ValueError, match="cache was allocated as torch.float32"):
+        model(torch.tensor([[1, 2, 3]]), cache=cache)

@@ -139,3 +139,45 @@ def test_moe_router_is_fp32_under_bf16():
     layer = MoE(dim=8, hidden_dim=8, n_experts=4, top_k=2).to(torch.bfloat16)
     y, logits = layer(torch.randn(1, 3, 8, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("skew", [False, True])
+def test_sorted_dispatch_under_bf16_autocast_matches_reference(skew):
+    """Under CPU bf16 autocast the grouped path computes in bf16 like autocast's F.linear and
+    returns fp32 weight gradients; it agrees with the reference loop run under the same autocast."""
+    torch.manual_seed(0)
+    T, E, K, D, F = 48, 8, 2, 32, 40
+    x = torch.randn(T, D, requires_grad=True)
+    logits = torch.randn(T, E)
+    if skew:
+        logits[:, 3:] -= 100.0
+    experts = _experts(E, D, F)
+    results = []
+    for fn in (dispatch_loop, dispatch_sorted):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = _run(fn, x, logits, K, experts)
+        grads = torch.autograd.grad((y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(),
+                                    [x, *experts.parameters()])  # fmt: skip
+        results.append((y.float(), grads))
+    (y_ref, g_ref), (y, g) = results
+    assert all(gi.dtype == torch.float32 for gi in g)
+    scale = y_ref.abs().max()
+    assert (y - y_ref).abs().max() < 0.02 * scale
+    for a, b in zip(g, g_ref, strict=True):
+        assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-6
+
+
+def test_grouped_swiglu_skips_frozen_weights_and_checks_counts():
+    from mixtral.grouped import grouped_swiglu
+
+    experts = _experts(4, 8, 12)
+    experts.requires_grad_(False)
+    x = torch.randn(6, 8, requires_grad=True)
+    y = grouped_swiglu(x, [2, 0, 3, 1], experts.w1, experts.w3, experts.w2)
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    ids = torch.tensor([[0], [0], [2], [2], [2], [3]])
+    ref = dispatch_loop(x, ids, torch.ones(6, 1), experts)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(gx, torch.autograd.grad(ref.sum(), [x])[0])
+    with pytest.raises(ValueError, match="do not match"):
+        grouped_swiglu(x, [2, 2, 3, 1], experts.w1, experts.w3, experts.w2)

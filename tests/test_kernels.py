@@ -20,11 +20,59 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="mixtral CPU 
 @pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 17])
 @pytest.mark.parametrize("K", [8, 13, 64])
 @pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
-def test_linear_kernel_matches_matmul(M, K, storage):
+def test_linear_kernel_matches_matmul(M, K, storage, monkeypatch):
+    monkeypatch.setenv("MIXTRAL_NO_W8A16", "1")  # the exact path; W8A16 is tested against its bound below
     x, w = torch.randn(M, K), torch.randn(37, K)
     q, scale = (w, None) if storage == "fp32" else compress(w, storage)
     expected = x @ decompress(q, scale).T
     torch.testing.assert_close(kernels.linear(x, q, scale), expected, atol=1e-5, rtol=1e-5)
+
+
+def w8a16_bound(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """|error| bound of int16 activations (per row, per 256-block scale amax/32767, half-step
+    rounding) against the exact fp32 product with the same int8 weights, plus fp32 slack."""
+    M, K = x.shape
+    step = torch.zeros(M, K)
+    for b0 in range(0, K, 256):
+        step[:, b0 : b0 + 256] = x[:, b0 : b0 + 256].abs().amax(1, keepdim=True) / 32767
+    w = q.float() * scale[:, None]
+    return (step / 2) @ w.abs().T + 1e-5 * (x.abs() @ w.abs().T) + 1e-6
+
+
+needs_w8a16 = pytest.mark.skipif(not kernels.has_w8a16(), reason="no AVX-512 VNNI W8A16 path in this build")
+
+
+@needs_w8a16
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 11])
+@pytest.mark.parametrize("K", [7, 32, 100, 256, 600, 1024])
+def test_w8a16_linear_within_its_quantisation_bound(M, K):
+    torch.manual_seed(K + M)
+    x, w = torch.randn(M, K) * torch.linspace(0.1, 4, K), torch.randn(41, K)
+    x[0, K // 2] = 50.0  # an outlier only widens its own block's step
+    q, scale = compress(w, "int8")
+    exact = x @ decompress(q, scale).T
+    err = (kernels.linear(x, q, scale) - exact).abs()
+    bound = w8a16_bound(x, q, scale)
+    assert torch.all(err <= bound), (err / bound).max()
+    assert err.max() > 0  # it is the quantised path, not the exact one
+
+
+@needs_w8a16
+def test_w8a16_moe_kernel_within_bound_of_exact_path(monkeypatch):
+    torch.manual_seed(0)
+    E, D, F, T = 4, 300, 520, 6
+    experts = [compress(torch.randn(E, F, D) * 0.1, "int8"), compress(torch.randn(E, F, D) * 0.1, "int8"),
+               compress(torch.randn(E, D, F) * 0.1, "int8")]  # fmt: skip
+    (w1, s1), (w3, s3), (w2, s2) = experts
+    x = torch.randn(T, D)
+    ids = torch.tensor([[0, 1], [1, 2], [3, 0], [0, 2], [2, 3], [1, 0]])
+    wts = torch.softmax(torch.randn(T, 2), -1)
+    fast = kernels.moe(x, ids, wts, w1, w3, w2, s1, s3, s2)
+    monkeypatch.setenv("MIXTRAL_NO_W8A16", "1")
+    exact = kernels.moe(x, ids, wts, w1, w3, w2, s1, s3, s2)
+    assert not kernels.has_w8a16()
+    rel = (fast - exact).abs().max() / exact.abs().max()
+    assert 0 < rel < 1e-3, rel
 
 
 @needs_kernels

@@ -64,6 +64,15 @@ def available() -> bool:
     return bool(_state["ok"])
 
 
+def has_w8a16() -> bool:
+    """True if int8 weights multiply 16-bit quantised activations with AVX-512 VNNI in this build.
+
+    x is then quantised per row and per block of 256 to int16 (error at most 1/65534 of the
+    block's largest |x|); MIXTRAL_NO_W8A16=1 selects the exact fp32 widening path instead.
+    """
+    return available() and bool(torch.ops.mixtral_cpu.has_w8a16())
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] fp32 · w [N, K]ᵀ (fp32, bf16, or int8 with per-row fp32 scale [N]) → [M, N] fp32."""
     return torch.ops.mixtral_cpu.linear(x, w, scale)

@@ -17,7 +17,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -68,30 +71,45 @@ inline float hsum(v8f v) {
 }
 
 // y[m * ldy + n] = scale[n] * dot(x[m, :K], w[n, :K]) for m < M, n in [n0, n0 + R): R weight rows
-// at once, so a few rows of x still give R·M independent FMA chains (latency hidden, x reused).
-template <typename W, int M, int R>
+// at once, U accumulators along k per (row of w, row of x), so that R·M·U independent FMA chains
+// hide the latency; x vectors are reused across the R rows of w.
+template <typename W, int M, int R, int U>
 inline void rows_dot_block(const float* x, int64_t K, const W* w, const float* scale, float* y, int64_t ldy,
                            int64_t n0) {
-  const int64_t K8 = K - K % 8;
-  v8f acc[R][M];
+  const int64_t KU = K - K % (8 * U), K8 = K - K % 8;
+  v8f acc[R][M][U];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = v8f{};
+    for (int m = 0; m < M; ++m)
+      for (int u = 0; u < U; ++u) acc[r][m][u] = v8f{};
   // The unroll pragmas make the small fixed loops disappear, so acc and wv live in registers.
-  for (int64_t k = 0; k < K8; k += 8) {
-    v8f wv[R];  // R weight vectors + R·M accumulators + one x vector stay within 16 registers
+  for (int64_t k = 0; k < KU; k += 8 * U) {
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
+    for (int u = 0; u < U; ++u) {
+      v8f wv[R];
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      const v8f xv = load8(x + m * K + k);
+      for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k + 8 * u);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r][m] += wv[r] * xv;
+      for (int m = 0; m < M; ++m) {
+        const v8f xv = load8(x + m * K + k + 8 * u);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r][m][u] += wv[r] * xv;
+      }
+    }
+  }
+  for (int64_t k = KU; k < K8; k += 8) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const v8f wv = load8(w + (n0 + r) * K + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[r][m][0] += wv * load8(x + m * K + k);
     }
   }
   for (int r = 0; r < R; ++r) {
     const W* wr = w + (n0 + r) * K;
     for (int m = 0; m < M; ++m) {
-      float s = hsum(acc[r][m]);
+      v8f a = acc[r][m][0];
+      for (int u = 1; u < U; ++u) a += acc[r][m][u];
+      float s = hsum(a);
       for (int64_t k = K8; k < K; ++k) s += to_float(wr[k]) * x[m * K + k];
       y[m * ldy + n0 + r] = scale ? s * scale[n0 + r] : s;
     }
@@ -108,14 +126,17 @@ constexpr int kVecRegs = 16;
 template <typename W, int M>
 void rows_dot(const float* x, int64_t K, const W* w, const float* scale, float* y, int64_t ldy,
               int64_t n0, int64_t n1) {
-  // R weight rows at once: R·M accumulators + R weights + one x vector fit the registers. Up to 4
-  // rows of x the 16-register choice measured best even with AVX-512 (more rows of w per block
-  // slowed cache-resident weights); from 5 rows the extra registers pay: 1.6x on the 32000x1024
-  // output head at 8 rows (8.7 vs 14.0 ms), 1.4x on 1024x1024 and 3584x1024 (bench: see git log).
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : std::max(1, std::min(4, (kVecRegs - 2) / (M + 1))));
+  // Up to 4 rows of x, one weight row at a time (R = 1) with U accumulators along k: the weights
+  // are then read as ONE sequential stream, which the hardware prefetchers follow; R rows at once
+  // are R short interleaved streams (a 1024-wide fp32 row is one 4 KiB page) and streamed 20-40%
+  // slower from DRAM here (32000x1024 fp32, 2 threads: 1 row of x 25.8 -> 32.0 GB/s, 2 rows 21.8
+  // -> 31.2). From 5 rows of x the kernel is compute-bound and reusing each x vector across R
+  // weight rows pays (the 32000x1024 output head at 8 rows: 14.0 -> 9.1 ms with R = 3).
+  constexpr int R = M <= 4 ? 1 : std::max(1, std::min(4, (kVecRegs - 2) / (M + 1)));
+  constexpr int U = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
   int64_t n = n0;
-  for (; n + R <= n1; n += R) rows_dot_block<W, M, R>(x, K, w, scale, y, ldy, n);
-  for (; n < n1; ++n) rows_dot_block<W, M, 1>(x, K, w, scale, y, ldy, n);
+  for (; n + R <= n1; n += R) rows_dot_block<W, M, R, U>(x, K, w, scale, y, ldy, n);
+  for (; n < n1; ++n) rows_dot_block<W, M, 1, U>(x, K, w, scale, y, ldy, n);
 }
 
 template <typename W>
@@ -133,16 +154,154 @@ void rows_dot_any(int M, const float* x, int64_t K, const W* w, const float* sca
   }
 }
 
+// ---- int8 weights with 16-bit integer activations (W8A16), AVX-512 VNNI ------------------------
+// Widening int8 weights to fp32 costs more instructions than the bytes it saves; with VNNI,
+// vpdpwssd multiplies 32 int16 pairs into 16 int32 lanes in one instruction. x is quantised per
+// row and per block of kQB = 256 elements to int16 (scale = max|x_block| / 32767, error at most
+// half a step: 1.5e-5 of the block's largest value, finer than bf16), weights are sign-extended to
+// int16, and each block's exact int32 sums (at most 8 · 2 · 127 · 32767 < 2^31 per lane) are
+// converted and scaled into fp32 accumulators. Elsewhere, the fp32 widening path above.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MIXTRAL_W8A16 1
+constexpr int64_t kQB = 256;
+
+struct QuantX {  // M rows of x as int16, zero-padded to Kp = a multiple of 32, one scale per block
+  std::vector<int16_t> q;
+  std::vector<float> s;
+  int64_t K = 0, Kp = 0, nb = 0;
+  const int16_t* row(int64_t m) const { return q.data() + m * Kp; }
+  const float* scales(int64_t m) const { return s.data() + m * nb; }
+};
+
+QuantX quantize_rows(const float* x, int64_t M, int64_t K) {
+  QuantX r;
+  r.K = K;
+  r.Kp = (K + 31) / 32 * 32;
+  r.nb = (K + kQB - 1) / kQB;
+  r.q.assign(M * r.Kp, 0);
+  r.s.assign(M * r.nb, 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < r.nb; ++b) {
+      const int64_t k0 = b * kQB, k1 = std::min(K, k0 + kQB);
+      float amax = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[m * K + k]));
+      if (amax == 0.0f) continue;
+      const float s = amax / 32767.0f, inv = 32767.0f / amax;
+      r.s[m * r.nb + b] = s;
+      for (int64_t k = k0; k < k1; ++k)
+        r.q[m * r.Kp + k] = static_cast<int16_t>(std::nearbyint(x[m * K + k] * inv));
+    }
+  return r;
+}
+
+// y[m * ldy + n] = scale[n] · Σ_b s_x[m, b] · Σ_{k in block b} q_x[m, k] · w[n, k], for R rows of w
+// at once with U int32 accumulators along k per (row of w, row of x).
+template <int M, int R, int U>
+inline void w8a16_block(const QuantX& qx, int64_t m0, const int8_t* w, const float* scale, float* y,
+                        int64_t ldy, int64_t n0) {
+  const int64_t K = qx.K;
+  const int16_t* xr[M];
+  for (int m = 0; m < M; ++m) xr[m] = qx.row(m0 + m);
+  __m512 facc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) facc[r][m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < qx.nb; ++b) {
+    const int64_t k0 = b * kQB, k1 = std::min(K, k0 + kQB);
+    __m512i iacc[R][M][U];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m)
+        for (int u = 0; u < U; ++u) iacc[r][m][u] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k1; k += 32 * U) {
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        const int64_t kk = k + 32 * u;
+        if (kk >= k1) break;
+        const __mmask32 mask = k1 - kk >= 32 ? ~__mmask32(0) : (__mmask32(1) << (k1 - kk)) - 1;
+        __m512i wv[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+          wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + (n0 + r) * K + kk));
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const __m512i xv = _mm512_loadu_si512(xr[m] + kk);  // zero beyond K
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) iacc[r][m][u] = _mm512_dpwssd_epi32(iacc[r][m][u], wv[r], xv);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m512 sx = _mm512_set1_ps(qx.scales(m0 + m)[b]);
+      for (int r = 0; r < R; ++r) {
+        __m512i a = iacc[r][m][0];
+        for (int u = 1; u < U; ++u) a = _mm512_add_epi32(a, iacc[r][m][u]);
+        facc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sx, facc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * ldy + n0 + r] = _mm512_reduce_add_ps(facc[r][m]) * scale[n0 + r];
+}
+
+template <int M>
+void w8a16_rows(const QuantX& qx, int64_t m0, const int8_t* w, const float* scale, float* y, int64_t ldy,
+                int64_t n0, int64_t n1) {
+  // As rows_dot: one weight row at a time (one sequential stream; 1.7x faster from DRAM than 4
+  // interleaved rows in a standalone test) with U accumulators along k. The int32 sums of a block
+  // stay exact: per lane at most kQB / 32 · 2 · 127 · 32767 < 2^31, however they are split.
+  constexpr int R = 1;
+  constexpr int U = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  for (int64_t n = n0; n < n1; n += R) w8a16_block<M, R, U>(qx, m0, w, scale, y, ldy, n);
+}
+
+void w8a16_any(int M, const QuantX& qx, int64_t m0, const int8_t* w, const float* scale, float* y,
+               int64_t ldy, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: return w8a16_rows<1>(qx, m0, w, scale, y, ldy, n0, n1);
+    case 2: return w8a16_rows<2>(qx, m0, w, scale, y, ldy, n0, n1);
+    case 3: return w8a16_rows<3>(qx, m0, w, scale, y, ldy, n0, n1);
+    case 4: return w8a16_rows<4>(qx, m0, w, scale, y, ldy, n0, n1);
+    case 5: return w8a16_rows<5>(qx, m0, w, scale, y, ldy, n0, n1);
+    case 6: return w8a16_rows<6>(qx, m0, w, scale, y, ldy, n0, n1);
+    case 7: return w8a16_rows<7>(qx, m0, w, scale, y, ldy, n0, n1);
+    default: return w8a16_rows<8>(qx, m0, w, scale, y, ldy, n0, n1);
+  }
+}
+#endif
+
+// Rows [m0, m0 + rows) of x times weight rows [n0, n1): W8A16 for int8 weights where available.
+template <typename W>
+inline void dot_rows(int rows, const float* x, const void* qx, int64_t m0, int64_t K, const W* w,
+                     const float* scale, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+#ifdef MIXTRAL_W8A16
+  if constexpr (std::is_same_v<W, int8_t>) {
+    if (qx) return w8a16_any(rows, *static_cast<const QuantX*>(qx), m0, w, scale, y, ldy, n0, n1);
+  }
+#endif
+  rows_dot_any<W>(rows, x + m0 * K, K, w, scale, y, ldy, n0, n1);
+}
+
+// x quantised for the W8A16 path when the weights are int8 and the CPU has it; else nothing.
+template <typename W>
+std::shared_ptr<void> maybe_quantize(const float* x, int64_t M, int64_t K) {
+#ifdef MIXTRAL_W8A16
+  if constexpr (std::is_same_v<W, int8_t>) {
+    if (std::getenv("MIXTRAL_NO_W8A16") == nullptr) return std::make_shared<QuantX>(quantize_rows(x, M, K));
+  }
+#endif
+  return nullptr;
+}
+
 // y [M, N] = x [M, K] · w [N, K]ᵀ (· scale[n]), weight rows split across threads.
 template <typename W>
 void matmul_nt(const float* x, int64_t M, int64_t K, const W* w, const float* scale, int64_t N,
                float* y) {
   // ~16 KiB of weights per task keeps scheduling cheap next to the streaming work.
   const int64_t grain = std::max<int64_t>(16, 16384 / std::max<int64_t>(1, K * sizeof(W)));
+  const std::shared_ptr<void> qx = maybe_quantize<W>(x, M, K);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-      rows_dot_any<W>(rows, x + m0 * K, K, w, scale, y + m0 * N, N, n0, n1);
+      dot_rows<W>(rows, x, qx.get(), m0, K, w, scale, y + m0 * N, N, n0, n1);
     }
   });
 }
@@ -153,6 +312,7 @@ void swiglu_nt(const float* x, int64_t M, int64_t D, const W* w1, const W* w3, c
                const float* s3, int64_t F, float* h) {
   constexpr int64_t kBlock = 64;
   const int64_t grain = std::max<int64_t>(16, 16384 / std::max<int64_t>(1, D * sizeof(W)));
+  const std::shared_ptr<void> qx = maybe_quantize<W>(x, M, D);
   at::parallel_for(0, F, grain, [&](int64_t n0, int64_t n1) {
     float a[kMaxRows * kBlock], b[kMaxRows * kBlock];
     for (int64_t nb = n0; nb < n1; nb += kBlock) {
@@ -160,8 +320,8 @@ void swiglu_nt(const float* x, int64_t M, int64_t D, const W* w1, const W* w3, c
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
         // Shift the pointers so that rows [nb, nb + nn) land in a[0 .. nn) (ldy = kBlock).
-        rows_dot_any<W>(rows, x + m0 * D, D, w1 + nb * D, s1 ? s1 + nb : nullptr, a, kBlock, 0, nn);
-        rows_dot_any<W>(rows, x + m0 * D, D, w3 + nb * D, s3 ? s3 + nb : nullptr, b, kBlock, 0, nn);
+        dot_rows<W>(rows, x, qx.get(), m0, D, w1 + nb * D, s1 ? s1 + nb : nullptr, a, kBlock, 0, nn);
+        dot_rows<W>(rows, x, qx.get(), m0, D, w3 + nb * D, s3 ? s3 + nb : nullptr, b, kBlock, 0, nn);
         for (int m = 0; m < rows; ++m)
           for (int64_t j = 0; j < nn; ++j) {
             const float g = a[m * kBlock + j];
@@ -222,6 +382,8 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, tor
   check_weight(w2, "w2");
   TORCH_CHECK(w1.scalar_type() == w2.scalar_type() && w1.scalar_type() == w3.scalar_type(),
               "w1, w2, w3 must share a dtype");
+  TORCH_CHECK(w1.scalar_type() != at::kChar || (s1.has_value() && s3.has_value() && s2.has_value()),
+              "int8 expert weights need scales s1, s3, s2");
   const int64_t T = x.size(0), K = ids.size(1), E = w1.size(0), F = w1.size(1), D = w1.size(2);
   TORCH_CHECK(x.size(1) == D && w2.size(0) == E && w2.size(1) == D && w2.size(2) == F,
               "expert weight shapes disagree with x");
@@ -272,7 +434,17 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, tor
   return y;
 }
 
+// Whether int8 weights take the W8A16 VNNI path in this build (else the fp32 widening path).
+bool has_w8a16() {
+#ifdef MIXTRAL_W8A16
+  return std::getenv("MIXTRAL_NO_W8A16") == nullptr;
+#else
+  return false;
+#endif
+}
+
 TORCH_LIBRARY(mixtral_cpu, m) {
+  m.def("has_w8a16() -> bool", &has_w8a16);  // no tensor arguments: a catch-all kernel
   m.def("linear(Tensor x, Tensor w, Tensor? scale) -> Tensor");
   m.def(
       "moe(Tensor x, Tensor ids, Tensor weights, Tensor w1, Tensor w3, Tensor w2, Tensor? s1, "

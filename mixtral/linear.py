@@ -28,12 +28,18 @@ def use_kernel(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     return kernels.available()
 
 
+def kernel_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x as 2-D kernel input: bf16 stays bf16 for bf16 weights (bf16 dot products), else fp32."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 else x.float()
+
+
 class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype in _KERNEL_DTYPES and x.dtype in _KERNEL_DTYPES and use_kernel(x, self.weight):
-            y = kernels.linear(x.reshape(-1, x.shape[-1]).float(), self.weight)
+            y = kernels.linear(kernel_input(x, self.weight), self.weight)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight)

@@ -107,10 +107,13 @@ def dispatch_sorted(
 def dispatch_kernel(
     x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, experts: ExpertWeights
 ) -> torch.Tensor:
-    """The compiled streaming kernel (fp32 activations; fp32, bf16 or int8 weights); no autograd."""
+    """The compiled streaming kernel (fp32 or bf16 activations; fp32, bf16 or int8 weights); no autograd."""
     if not kernels.available():
         raise RuntimeError("the mixtral CPU kernels are not available on this machine (see mixtral.kernels)")
-    return kernels.moe(x_TD.float(), ids_TK, weights_TK.float(), *experts.kernel_weights()).to(x_TD.dtype)
+    weights = experts.kernel_weights()
+    # A bf16 model with bf16 experts keeps bf16 activations: the kernel uses bf16 dot products.
+    x = x_TD if x_TD.dtype == torch.bfloat16 and weights[0].dtype == torch.bfloat16 else x_TD.float()
+    return kernels.moe(x, ids_TK, weights_TK.float(), *weights).to(x_TD.dtype)
 
 
 DISPATCH: dict[str, Dispatch] = {"loop": dispatch_loop, "sorted": dispatch_sorted, "kernel": dispatch_kernel}

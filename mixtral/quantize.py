@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .linear import Linear, use_kernel
+from .linear import Linear, kernel_input, use_kernel
 from .moe import Experts
 
 STORAGE = ("int8", "bf16")
@@ -100,7 +100,7 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_kernel(x):
-            y = kernels.linear(x.reshape(-1, x.shape[-1]).float(), self.weight, self.scale)
+            y = kernels.linear(kernel_input(x, self.weight), self.weight, self.scale)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
         return F.linear(x, decompress(self.weight, self.scale, x.dtype))
 

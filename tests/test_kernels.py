@@ -159,3 +159,44 @@ def test_cache_dtype_must_match_the_model():
     cache = KVCache.allocate(model.config, 1, 8)  # fp32 by default
     with torch.no_grad(), pytest.raises(ValueError, match="cache was allocated as torch.float32"):
         model(torch.tensor([[1, 2, 3]]), cache=cache)
+
+
+needs_bf16_dot = pytest.mark.skipif(not kernels.has_bf16_dot(), reason="no AVX512-BF16 dot path in this build")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("M", [1, 2, 4, 7, 8, 9])
+@pytest.mark.parametrize("K", [5, 32, 77, 1024])
+def test_bf16_dot_linear_equals_fp32_product_of_the_bf16_values(M, K):
+    """bf16 x with bf16 w: products of bf16 values are exact in fp32, so only accumulation order differs."""
+    x, w = torch.randn(M, K).bfloat16(), torch.randn(37, K).bfloat16()
+    y = kernels.linear(x, w)
+    assert y.dtype == torch.float32
+    exact = x.double() @ w.double().T
+    assert torch.all((y.double() - exact).abs() <= 1e-6 * (x.double().abs() @ w.double().abs().T) + 1e-6)
+    # fp32 x is multiplied exactly (widening path), not rounded to bf16
+    xf = torch.randn(M, K)
+    exact = xf.double() @ w.double().T
+    bound = 1e-6 * (xf.double().abs() @ w.double().abs().T) + 1e-6
+    assert torch.all((kernels.linear(xf, w).double() - exact).abs() <= bound)
+    assert not torch.all(xf == xf.bfloat16().float())  # x really had bits bf16 would have dropped
+
+
+@needs_bf16_dot
+def test_bf16_model_decodes_like_its_own_full_recompute():
+    """A bf16 model decodes through the bf16 dot kernels (experts, attention, head) and matches its own
+    bf16 full forward (torch matmuls) to bf16 precision, with the same greedy tokens."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(dim=64, hidden_dim=96)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    model = model.to(torch.bfloat16)
+    tokens = torch.randint(0, 97, (2, 14))
+    with torch.no_grad():
+        full = model(tokens).logits.float()
+        cache = KVCache.allocate(model.config, 2, 16, dtype=torch.bfloat16)
+        steps = [model(tokens[:, :6], cache=cache).logits]
+        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(6, 14)]
+    dec = torch.cat(steps, 1).float()
+    assert (dec - full).abs().max() < 0.05 * full.abs().max()
+    assert (dec.argmax(-1) == full.argmax(-1)).float().mean() > 0.9

@@ -41,7 +41,7 @@ def _build() -> bool:
 def _register_fakes() -> None:
     @torch.library.register_fake("mixtral_cpu::linear")
     def _linear(x, w, scale):
-        return x.new_empty(x.shape[0], w.shape[0])
+        return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("mixtral_cpu::moe")
     def _moe(x, ids, weights, w1, w3, w2, s1, s3, s2):
@@ -73,8 +73,17 @@ def has_w8a16() -> bool:
     return available() and bool(torch.ops.mixtral_cpu.has_w8a16())
 
 
+def has_bf16_dot() -> bool:
+    """True if bf16 weights times bf16 activations use AVX512-BF16 dot products in this build."""
+    return available() and bool(torch.ops.mixtral_cpu.has_bf16_dot())
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] fp32 · w [N, K]ᵀ (fp32, bf16, or int8 with per-row fp32 scale [N]) → [M, N] fp32."""
+    """x [M, K] fp32 or bf16 · w [N, K]ᵀ (fp32, bf16, or int8 with per-row fp32 scale [N]) → [M, N] fp32.
+
+    bf16 x with bf16 w uses bf16 dot products (fp32 accumulation) where the CPU has them; fp32 x is
+    multiplied exactly by widened weights (int8: see `has_w8a16`).
+    """
     return torch.ops.mixtral_cpu.linear(x, w, scale)
 
 
@@ -89,5 +98,8 @@ def moe(
     s3: torch.Tensor | None = None,
     s2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ_k weights[t, k] · SwiGLU_{ids[t, k]}(x[t]) for a few tokens, each expert streamed once."""
+    """Σ_k weights[t, k] · SwiGLU_{ids[t, k]}(x[t]) for a few tokens, each expert streamed once.
+
+    x fp32 or bf16; the result has x's dtype. bf16 x with bf16 experts computes with bf16 dot products.
+    """
     return torch.ops.mixtral_cpu.moe(x, ids, weights, w1, w3, w2, s1, s3, s2)

@@ -88,10 +88,10 @@ def hf_decode(hf, tokens, n: int) -> tuple[float, list[list[int]]]:
     return tokens.shape[0] * (n - 1) / (clock.times[-1] - clock.times[0]), out[:, tokens.shape[1] :].tolist()
 
 
-def ours_decode(model, tokens, n: int) -> tuple[float, list[list[int]]]:
+def ours_decode(model, tokens, n: int, compile: bool = False) -> tuple[float, list[list[int]]]:
     stats = GenerationStats()
     rows: list[list[int]] = [[] for _ in range(tokens.shape[0])]
-    for step in generate_ids(model, tokens.tolist(), max_new_tokens=n, stats=stats):
+    for step in generate_ids(model, tokens.tolist(), max_new_tokens=n, stats=stats, compile=compile):
         for r, t in zip(rows, step, strict=True):
             r.append(t)
     return stats.decode_tokens_per_s, rows
@@ -186,6 +186,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--train-shape", default="8x256", help="BxT of the training step (0 to skip)")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill case")
+    ap.add_argument("--compile", action="store_true",
+                    help="also decode our fp32 model with the torch.compile'd static-cache step (fp32+compile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
@@ -220,7 +222,7 @@ def main() -> None:
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prefill_len), generator=gen)
     if not args.no_prefill:
         for m in models.values():
-            ours_prefill(m, prompt[:, :32])
+            ours_prefill(m, prompt[:, :32])  # fp32+compile is added after prefill: same model, same prefill
         for h in refs.values():
             hf_prefill(h, prompt[:, :32])
         runs: dict[str, list[float]] = {k: [] for k in [*refs, *models]}
@@ -230,16 +232,20 @@ def main() -> None:
             for name, m in models.items():
                 runs[name].append(args.prefill_len / ours_prefill(m, prompt))
         rows.append((f"prefill 1x{args.prefill_len}", {k: statistics.median(v) for k, v in runs.items()}))
+    if args.compile:
+        models["fp32+compile"] = ours
     for b in (int(x) for x in args.batches.split(",") if x):
         toks = torch.randint(3, cfg.vocab_size, (b, args.prompt_len), generator=gen)
         runs = {k: [] for k in [*refs, *models]}
         agree = {}
+        if args.compile:  # compile (and recompile for this batch's shapes) before timing
+            ours_decode(ours, toks, args.new_tokens, compile=True)
         for _ in range(args.repeats):
             rate, ids_hf = hf_decode(hf, toks, args.new_tokens)
             runs["transformers"].append(rate)
             runs["transformers-bf16"].append(hf_decode(refs["transformers-bf16"], toks, args.new_tokens)[0])
             for name, m in models.items():
-                rate, ids = ours_decode(m, toks, args.new_tokens)
+                rate, ids = ours_decode(m, toks, args.new_tokens, compile=name.endswith("+compile"))
                 runs[name].append(rate)
                 agree[name] = sum(a == c for a, c in zip(ids, ids_hf, strict=True))
         rows.append((f"decode batch {b}", {k: statistics.median(v) for k, v in runs.items()}))
@@ -251,7 +257,7 @@ def main() -> None:
         B, T = (int(v) for v in args.train_shape.split("x"))
         toks = torch.randint(3, cfg.vocab_size, (B, T + 1), generator=gen)
         del refs["transformers-bf16"]  # inference copies are not needed for training: free memory
-        models = {"fp32": ours, **{n: None for n in models if n != "fp32"}}
+        models = {"fp32": ours, **{n: None for n in models if n != "fp32"}}  # names kept for the report
         ours.train(), hf.train()
         ours.requires_grad_(True)
         times: dict[str, list[float]] = {k: [] for k in ["transformers", "transformers-bf16", "fp32", "bf16"]}

@@ -102,6 +102,16 @@ def test_generate_quantized_and_compiled_options(model_dir, capsys):
     assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
 
 
+def test_generate_bf16_model_quantized_with_a_long_prompt(model_dir, capsys):
+    """--dtype bf16 --quantize int8: a prompt over 32 tokens prefills through the sorted path, which
+    dequantises to bf16 (it once crashed there on a dtype mismatch)."""
+    prompt = " ".join(["the model reads a long prompt"] * 12)
+    args = ["generate", str(model_dir), prompt, "--max-new-tokens", "3", "--json", "--dtype", "bf16"]
+    assert main([*args, "--quantize", "int8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_tokens"] > 32 and len(out["token_ids"]) == 3
+
+
 def test_quantize_reports_quality_and_speed(model_dir, capsys):
     assert main(["quantize", str(model_dir), "--ppl-tokens", "0", "--new-tokens", "3"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -24,10 +24,10 @@ _state: dict[str, object] = {}
 def _build() -> bool:
     from torch.utils import cpp_extension
 
-    source = Path(__file__).with_name("cpu_kernels.cpp")
+    here = Path(__file__).parent
     cpp_extension.load(
         name="mixtral_cpu_kernels",
-        sources=[str(source)],
+        sources=[str(here / "cpu_kernels.cpp"), str(here / "cpu_dots.cpp")],
         # -fopenmp: at::parallel_for is an inline OpenMP loop, serial unless we compile with it.
         extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
         extra_ldflags=["-fopenmp"],

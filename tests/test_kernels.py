@@ -200,3 +200,28 @@ def test_bf16_model_decodes_like_its_own_full_recompute():
     dec = torch.cat(steps, 1).float()
     assert (dec - full).abs().max() < 0.05 * full.abs().max()
     assert (dec.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+
+
+@needs_kernels
+def test_kernel_row_limits_per_dtype(monkeypatch):
+    """The kernel takes few-row products; bf16 x bf16 hands over to torch's bf16 matmul from 5 rows
+    where the CPU has native bf16, int8 matrices stay in the kernel up to 128 rows (no dequantising)."""
+    from mixtral import linear as linear_mod
+    from mixtral.linear import Linear
+
+    calls = []
+    real = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    lin = Linear(64, 32).eval()
+    int8 = CompressedLinear(Linear(64, 32), "int8")
+    with torch.no_grad():
+        for rows in (2, 8, 16, 17):
+            lin(torch.randn(rows, 64))
+        bf16_limit = linear_mod.KERNEL_MAX_ROWS_BF16 if kernels.has_bf16_dot() else linear_mod.KERNEL_MAX_ROWS
+        lin16 = lin.to(torch.bfloat16)
+        for rows in (bf16_limit, bf16_limit + 1):
+            lin16(torch.randn(rows, 64, dtype=torch.bfloat16))
+        for rows in (32, 128, 129):
+            y = int8(torch.randn(rows, 64))
+            assert y.shape == (rows, 32)
+    assert calls == [2, 8, 16, bf16_limit, 32, 128]

@@ -225,3 +225,15 @@ def test_kernel_row_limits_per_dtype(monkeypatch):
             y = int8(torch.randn(rows, 64))
             assert y.shape == (rows, 32)
     assert calls == [2, 8, 16, bf16_limit, 32, 128]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_op_equals_torch_expression(dtype):
+    q, scale = compress(torch.randn(3, 37, 70) * torch.linspace(0.01, 5, 70), "int8")
+    expected = (q.float() * scale.unsqueeze(-1)).to(dtype)
+    out = kernels.dequantize(q, scale, dtype)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    torch.testing.assert_close(decompress(q, scale, dtype), expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="one value per row"):
+        kernels.dequantize(q, scale[:, :-1], dtype)

@@ -43,6 +43,10 @@ def _register_fakes() -> None:
     def _linear(x, w, scale):
         return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
+    @torch.library.register_fake("mixtral_cpu::dequantize")
+    def _dequantize(q, scale, dtype):
+        return torch.empty(q.shape, dtype=dtype, device=q.device)
+
     @torch.library.register_fake("mixtral_cpu::moe")
     def _moe(x, ids, weights, w1, w3, w2, s1, s3, s2):
         return torch.empty_like(x)
@@ -85,6 +89,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) 
     multiplied exactly by widened weights (int8: see `has_w8a16`).
     """
     return torch.ops.mixtral_cpu.linear(x, w, scale)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 q [..., N, K] · fp32 scale [..., N] as float32 or bfloat16 (one rounding), rows in parallel."""
+    return torch.ops.mixtral_cpu.dequantize(q, scale, dtype)
 
 
 def moe(

@@ -253,11 +253,12 @@ def main() -> None:
             k: f"{v}/{b}" for k, v in agree.items()
         }
     bytes_tok = {n: active_bytes_per_token(m, cfg) for n, m in models.items()}
+    names = list(models)
     if args.train_shape != "0":
         B, T = (int(v) for v in args.train_shape.split("x"))
         toks = torch.randint(3, cfg.vocab_size, (B, T + 1), generator=gen)
         del refs["transformers-bf16"]  # inference copies are not needed for training: free memory
-        models = {"fp32": ours, **{n: None for n in models if n != "fp32"}}  # names kept for the report
+        del models  # inference variants are not needed for training: free memory
         ours.train(), hf.train()
         ours.requires_grad_(True)
         times: dict[str, list[float]] = {k: [] for k in ["transformers", "transformers-bf16", "fp32", "bf16"]}
@@ -271,7 +272,7 @@ def main() -> None:
                 times["bf16"].append(ours_train_step(ours, toks))
         rows.append((f"train step {B}x{T} (fwd+bwd)", {k: B * T / statistics.median(v) for k, v in times.items()}))
 
-    report(args, cfg, rows, quality, machine, list(models), bytes_tok)
+    report(args, cfg, rows, quality, machine, names, bytes_tok)
 
 
 def report(args, cfg, rows, quality, machine, models: list[str], bytes_tok: dict[str, float]) -> None:

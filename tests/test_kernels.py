@@ -237,3 +237,5 @@ def test_dequantize_op_equals_torch_expression(dtype):
     torch.testing.assert_close(decompress(q, scale, dtype), expected, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="one value per row"):
         kernels.dequantize(q, scale[:, :-1], dtype)
+    with pytest.raises(RuntimeError, match="at least one column"):
+        kernels.dequantize(torch.zeros(4, 0, dtype=torch.int8), torch.ones(4), dtype)

@@ -79,7 +79,9 @@ def has_w8a16() -> bool:
 
 def has_bf16_dot() -> bool:
     """True if bf16 weights times bf16 activations use AVX512-BF16 dot products in this build."""
-    return available() and bool(torch.ops.mixtral_cpu.has_bf16_dot())
+    if "bf16_dot" not in _state:  # fixed at build time; asked on every bf16 Linear call
+        _state["bf16_dot"] = available() and bool(torch.ops.mixtral_cpu.has_bf16_dot())
+    return bool(_state["bf16_dot"])
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

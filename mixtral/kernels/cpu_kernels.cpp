@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -274,21 +273,24 @@ torch::Tensor dequantize(torch::Tensor q, torch::Tensor scale, at::ScalarType dt
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() * q.size(-1) == q.numel(),
               "scale must be float32 with one value per row of q");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16");
+  TORCH_CHECK(q.size(-1) > 0, "q must have at least one column");
   q = q.contiguous();
   scale = scale.contiguous();
   auto out = torch::empty(q.sizes(), q.options().dtype(dtype));
   const int64_t K = q.size(-1), rows = q.numel() / K;
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
+  float* out_f = dtype == at::kFloat ? out.data_ptr<float>() : nullptr;
+  uint16_t* out_h = dtype == at::kFloat ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int8_t* qr = qp + r * K;
       const float s = sp[r];
-      if (dtype == at::kFloat) {
-        float* o = out.data_ptr<float>() + r * K;
+      if (out_f) {
+        float* o = out_f + r * K;
         for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(qr[k]) * s;
       } else {
-        uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + r * K;
+        uint16_t* o = out_h + r * K;
         for (int64_t k = 0; k < K; ++k) {
           uint32_t bits;
           const float v = static_cast<float>(qr[k]) * s;

@@ -31,7 +31,7 @@ import torch
 
 from mixtral.checkpoint import load_model
 from mixtral.config import get_preset
-from mixtral.generate import GenerationStats, generate_ids, prefill
+from mixtral.inference import GenerationStats, generate_ids, prefill
 from mixtral.model import KVCache
 
 
@@ -159,7 +159,7 @@ def variants(ours, ours_bf16, probe, hf_logits):
     """Our fp32 and bf16 models plus int8 copies of the bf16 one, with their logit error vs transformers."""
     import copy
 
-    from mixtral.quantize import quantize_model
+    from mixtral.quant import quantize_model
 
     out = {"fp32": ours, "bf16": ours_bf16}
     out["int8-experts"] = quantize_model(copy.deepcopy(ours_bf16), "int8", ("experts",))
@@ -186,8 +186,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--train-shape", default="8x256", help="BxT of the training step (0 to skip)")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill case")
-    ap.add_argument("--compile", action="store_true",
-                    help="also decode our fp32 model with the torch.compile'd static-cache step (fp32+compile)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also decode our fp32 model with the torch.compile'd static-cache step (fp32+compile)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
@@ -270,7 +273,9 @@ def main() -> None:
                 times["transformers-bf16"].append(hf_train_step(hf, toks))
             with autocast:
                 times["bf16"].append(ours_train_step(ours, toks))
-        rows.append((f"train step {B}x{T} (fwd+bwd)", {k: B * T / statistics.median(v) for k, v in times.items()}))
+        rows.append(
+            (f"train step {B}x{T} (fwd+bwd)", {k: B * T / statistics.median(v) for k, v in times.items()})
+        )
 
     report(args, cfg, rows, quality, machine, names, bytes_tok)
 
@@ -282,7 +287,9 @@ def report(args, cfg, rows, quality, machine, models: list[str], bytes_tok: dict
     print(f"{'case':<28}" + "".join(f"{n:>20}" for n in impls) + f"{'bf16 / tf-bf16':>16}")
     for case, r in rows:
         cells = [f"{r[n]:8.1f} ({r[n] / r['transformers']:5.2f}x)" if n in r else "-" for n in impls]
-        same = f"{r['bf16'] / r['transformers-bf16']:.2f}x" if "bf16" in r and "transformers-bf16" in r else "-"
+        same = (
+            f"{r['bf16'] / r['transformers-bf16']:.2f}x" if "bf16" in r and "transformers-bf16" in r else "-"
+        )
         print(f"{case:<28}" + "".join(f"{c:>20}" for c in cells) + f"{same:>16}")
     d1 = dict(rows).get("decode batch 1", {})
     pre = next((r for c, r in rows if c.startswith("prefill")), {})

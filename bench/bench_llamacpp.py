@@ -42,15 +42,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_e2e import versions as base_versions  # noqa: E402
 
 from mixtral.checkpoint import load_model, read_config, save_model
+from mixtral.checkpoint.gguf_export import export_gguf
 from mixtral.config import get_preset
-from mixtral.generate import GenerationStats, generate_ids
-from mixtral.gguf_export import export_gguf
+from mixtral.inference import GenerationStats, generate_ids
 from mixtral.model import Transformer
-from mixtral.tokenizer import load_tokenizer
+from mixtral.text.tokenizer import load_tokenizer
 
 try:
-    from mixtral.quantize import TARGETS as INT8_TARGETS
-    from mixtral.quantize import quantize_model
+    from mixtral.quant import TARGETS as INT8_TARGETS
+    from mixtral.quant import quantize_model
 except ImportError:
     quantize_model = None
     INT8_TARGETS = ()

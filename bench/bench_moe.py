@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_e2e import versions  # noqa: E402
 
 from mixtral import kernels  # noqa: E402
-from mixtral.moe import DISPATCH, MoE, dispatch_loop, route  # noqa: E402
+from mixtral.kernels import KernelDispatch  # noqa: E402
+from mixtral.model import LoopDispatch, MoE, SortedDispatch, route  # noqa: E402
 
 
 def hf_block(ours: MoE, dim: int, hidden: int, n_experts: int, top_k: int):
@@ -64,23 +65,25 @@ def main() -> None:
     for p in ours.parameters():
         torch.nn.init.normal_(p, std=0.02)
     hf = hf_block(ours, args.dim, args.hidden, args.experts, args.top_k)
-    strategies = {n: f for n, f in DISPATCH.items() if n != "kernel" or kernels.available()}
+    strategies = {"loop": LoopDispatch(), "sorted": SortedDispatch()}
+    if kernels.available():
+        strategies["kernel"] = KernelDispatch()
 
     rows = []
     for T in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(1, T, args.dim)
         with torch.no_grad():
-            ref = dispatch_loop(x[0], *reversed(route(ours.gate(x[0]), args.top_k)), ours.experts)
+            ref = strategies["loop"](x[0], *reversed(route(ours.gate(x[0]), args.top_k)), ours.experts)
             assert (hf(x)[0] - ref).abs().max() < 1e-4, "transformers disagrees with the reference"
             fwd = {"transformers": timeit(lambda: hf(x), args.repeats)}
-            for name in strategies:
+            for name, dispatcher in strategies.items():
                 if name == "loop" and T > 512:
                     continue
-                ours.dispatch = name
+                ours.dispatcher = dispatcher
                 assert (ours(x)[0][0] - ref).abs().max() < 1e-4, f"{name} disagrees with the reference"
                 fwd[name] = timeit(lambda: ours(x), args.repeats)
         xg = x.clone().requires_grad_()
-        ours.dispatch = "sorted"
+        ours.dispatcher = strategies["sorted"]
         bwd = {
             "transformers": timeit(lambda: hf(xg).square().mean().backward(), args.repeats),
             "sorted": timeit(lambda: ours(xg)[0].square().mean().backward(), args.repeats),

@@ -28,8 +28,8 @@ from bench_e2e import versions  # noqa: E402
 
 from mixtral.analysis.routing import analysis_batches, analyze_routing  # noqa: E402
 from mixtral.checkpoint import load_model  # noqa: E402
-from mixtral.cli_routing import load_domains  # noqa: E402
-from mixtral.tokenizer import load_tokenizer  # noqa: E402
+from mixtral.data.domains import load_domains  # noqa: E402
+from mixtral.text.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main() -> None:

@@ -1,20 +1,29 @@
 """mixtral: the Mixtral sparse mixture-of-experts language model in plain PyTorch.
 
 Public API: `load_model`, `save_model`, `convert`, `load_tokenizer`, `generate`, `stream`,
-`encode_chat`, `Transformer` (`model(tokens).logits` / `.router_logits`), `MixtralConfig`, presets.
+`GenerationConfig`, `encode_chat`, `Transformer` (`model(tokens).logits` / `.router_logits`),
+`MixtralConfig`, presets. The packages: config, model, kernels, quant, checkpoint, text, inference,
+data, train, eval, analysis, cli (docs/architecture.md).
 """
 
-from .chat import encode_chat
-from .checkpoint import convert, load_model, read_config, save_model
-from .config import PRESETS, MixtralConfig, get_preset
-from .generate import Generation, GenerationStats, generate, generate_ids, stream
-from .model import KVCache, ModelOutput, Transformer
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer, load_tokenizer
+from mixtral.checkpoint import convert, load_model, read_config, save_model
+from mixtral.config import PRESETS, MixtralConfig, get_preset
+from mixtral.inference import (
+    Generation,
+    GenerationConfig,
+    GenerationStats,
+    SamplingParams,
+    generate,
+    generate_ids,
+    stream,
+)
+from mixtral.model import KVCache, ModelOutput, Transformer
+from mixtral.text import Tokenizer, encode_chat, load_tokenizer
 
 __all__ = [
     "PRESETS",
     "Generation",
+    "GenerationConfig",
     "GenerationStats",
     "KVCache",
     "MixtralConfig",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from mixtral.errors import ConfigError
 
 _INT_FIELDS = (
     "dim",

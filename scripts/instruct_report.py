@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 
 from mixtral.analysis.drift import routing_drift
-from mixtral.chat import encode_chat
 from mixtral.checkpoint import load_model
-from mixtral.cli_routing import load_domains
+from mixtral.data.domains import load_domains
 from mixtral.data.instruct import PreferenceStream, read_preferences, tokenize_preferences
 from mixtral.data.packing import PackedStream
-from mixtral.generate import generate_ids
-from mixtral.tokenizer import load_tokenizer
+from mixtral.eval.instruct import evaluate_accuracy, load_eval
+from mixtral.inference import generate_ids
+from mixtral.text import encode_chat
+from mixtral.text.tokenizer import load_tokenizer
 from mixtral.train.instruct import pair_logprobs
-from mixtral.train.instruct_eval import evaluate_accuracy, load_eval
 from mixtral.train.instruct_run import DATA_DIR
 
 CHATS = [

@@ -13,7 +13,7 @@ import torch
 
 from mixtral import load_model, load_tokenizer
 from mixtral.analysis.routing import analysis_batches, analyze_routing
-from mixtral.cli_routing import load_domains
+from mixtral.data.domains import load_domains
 
 torch.set_num_threads(1)
 m = load_model("models/mini").eval()

@@ -28,13 +28,13 @@ from mixtral.checkpoint import (
     save_weights,
     validate_checkpoint,
 )
-from mixtral.checkpoint_config import (
+from mixtral.checkpoint.configs import (
     config_from_hf,
     config_from_params,
     config_to_hf,
     config_to_params,
 )
-from mixtral.checkpoint_table import expected_tensors, from_interleaved, our_shapes, plan, to_interleaved
+from mixtral.checkpoint.table import expected_tensors, from_interleaved, our_shapes, plan, to_interleaved
 from mixtral.config import PRESETS, MixtralConfig, get_preset
 from mixtral.errors import (
     ConfigError,
@@ -409,7 +409,7 @@ def test_failed_save_leaves_nothing(tmp_path):
 
 
 def test_save_with_tokenizer_object(tmp_path):
-    tokenizer = pytest.importorskip("mixtral.tokenizer")
+    tokenizer = pytest.importorskip("mixtral.text.tokenizer")
     try:
         tok = tokenizer.load_tokenizer(None)  # the bundled Mixtral SentencePiece model
     except TokenizerError as e:

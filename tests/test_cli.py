@@ -11,7 +11,7 @@ from conftest import tiny_config
 from mixtral.checkpoint import save_model
 from mixtral.cli import main
 from mixtral.model import Transformer
-from mixtral.tokenizer import load_tokenizer
+from mixtral.text.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from mixtral.data import (
     train_tokenizer,
     verify_corpus,
 )
-from mixtral.tokenizer import load_tokenizer
+from mixtral.text.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------- the committed corpus
 

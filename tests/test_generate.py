@@ -7,9 +7,8 @@ import torch
 from conftest import tiny_config
 
 from mixtral.errors import GenerationError
-from mixtral.generate import GenerationStats, generate_ids
+from mixtral.inference import GenerationConfig, GenerationStats, generate_ids
 from mixtral.model import Transformer
-from mixtral.sampling import SamplingParams
 
 
 def _rows(steps, B):
@@ -48,9 +47,9 @@ def test_chunk_size_does_not_change_output(model):
 
 
 def test_sampling_with_seed_is_reproducible(model):
-    params = SamplingParams(temperature=1.5, top_k=20, top_p=0.9, seed=7)
-    a = _rows(generate_ids(model, [[1, 2, 3], [4]], params, max_new_tokens=10), 2)
-    b = _rows(generate_ids(model, [[1, 2, 3], [4]], params, max_new_tokens=10), 2)
+    config = GenerationConfig(temperature=1.5, top_k=20, top_p=0.9, seed=7, max_new_tokens=10)
+    a = _rows(generate_ids(model, [[1, 2, 3], [4]], config), 2)
+    b = _rows(generate_ids(model, [[1, 2, 3], [4]], config), 2)
     assert a == b
 
 
@@ -91,7 +90,7 @@ def test_bad_requests(model, prompts, n, match):
 
 @pytest.fixture(scope="module")
 def tok():
-    from mixtral.tokenizer import load_tokenizer
+    from mixtral.text.tokenizer import load_tokenizer
 
     return load_tokenizer()
 
@@ -102,7 +101,7 @@ def _vocab_model():
 
 
 def test_text_generate_stream_and_batch_agree(tok):
-    from mixtral.generate import generate, stream
+    from mixtral.inference import generate, stream
 
     model = _vocab_model()
     single = generate(model, tok, "Bonjour, je suis", max_new_tokens=12)
@@ -118,7 +117,7 @@ def test_text_generate_stream_and_batch_agree(tok):
 
 def test_continuation_keeps_the_space_before_its_first_word(tok):
     """A first generated token that starts a word must not be glued to the prompt ("de" + "la")."""
-    from mixtral.generate import generate
+    from mixtral.inference import generate
 
     model = _vocab_model()
     word = tok.encode("la", bos=False)
@@ -131,7 +130,7 @@ def test_continuation_keeps_the_space_before_its_first_word(tok):
 
 
 def test_stop_string_truncates_and_stream_never_shows_it(tok):
-    from mixtral.generate import generate, stream
+    from mixtral.inference import generate, stream
 
     model = _vocab_model()
     free = generate(model, tok, "Once upon a time", max_new_tokens=16)
@@ -146,7 +145,7 @@ def test_stop_string_truncates_and_stream_never_shows_it(tok):
 
 
 def test_eos_ends_text_generation(tok):
-    from mixtral.generate import generate
+    from mixtral.inference import generate
 
     model = _vocab_model()
     with torch.no_grad():  # make EOS the model's favourite token

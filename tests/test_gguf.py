@@ -17,12 +17,12 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from mixtral.checkpoint import save_model  # noqa: E402
-from mixtral.checkpoint_table import TABLE, to_interleaved  # noqa: E402
+from mixtral.checkpoint.gguf_export import GGUF_NAMES, export_gguf, gguf_tensor_specs  # noqa: E402
+from mixtral.checkpoint.table import TABLE, to_interleaved  # noqa: E402
 from mixtral.config import get_preset  # noqa: E402
 from mixtral.errors import ConfigError  # noqa: E402
-from mixtral.gguf_export import _NAMES, export_gguf, gguf_tensor_specs  # noqa: E402
 from mixtral.model import Transformer  # noqa: E402
-from mixtral.tokenizer import load_tokenizer  # noqa: E402
+from mixtral.text.tokenizer import load_tokenizer  # noqa: E402
 
 QT = gguf.GGMLQuantizationType
 
@@ -72,7 +72,7 @@ def _ours_in_gguf_layout(model: Transformer) -> dict[str, np.ndarray]:
 
 
 def test_name_table_covers_every_parameter():
-    assert set(_NAMES) == {row.ours for row in TABLE}
+    assert set(GGUF_NAMES) == {row.ours for row in TABLE}
 
 
 def test_metadata(exported, readers):
@@ -201,7 +201,7 @@ def test_errors_and_atomic_write(exported, tmp_path):
 
 def test_failed_export_leaves_no_file(exported, tmp_path, monkeypatch):
     _, ckpt, _ = exported
-    import mixtral.gguf_export as ge
+    import mixtral.checkpoint.gguf_export as ge
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")

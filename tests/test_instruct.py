@@ -14,7 +14,7 @@ from mixtral.analysis.drift import routing_drift
 from mixtral.checkpoint import load_model, save_model
 from mixtral.cli import main
 from mixtral.model import Transformer
-from mixtral.tokenizer import load_tokenizer
+from mixtral.text.tokenizer import load_tokenizer
 from mixtral.train.instruct import dpo_loss, sequence_logprobs
 from mixtral.train.instruct_run import InstructConfig, run_dpo, run_sft
 from mixtral.train.loop import TrainConfig

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from mixtral.chat import encode_chat, encode_chat_with_mask
 from mixtral.data.instruct import (
     PreferenceStream,
     SFTStream,
@@ -25,7 +24,8 @@ from mixtral.data.instruct import (
     tokenize_sft,
 )
 from mixtral.errors import DataError
-from mixtral.tokenizer import Tokenizer, load_tokenizer
+from mixtral.text import encode_chat, encode_chat_with_mask
+from mixtral.text.tokenizer import Tokenizer, load_tokenizer
 
 SYS, USER, ASSISTANT = "system", "user", "assistant"
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from mixtral.chat import encode_chat
 from mixtral.data import instruct_gen, mathgen
 from mixtral.data.corpus import default_corpus_root, sha256_file
+from mixtral.eval import instruct as instruct_eval
+from mixtral.eval.instruct import answer_matches, evaluate_accuracy, load_eval
 from mixtral.model import Transformer
-from mixtral.tokenizer import load_tokenizer
-from mixtral.train import instruct_eval
-from mixtral.train.instruct_eval import answer_matches, evaluate_accuracy, load_eval
+from mixtral.text import encode_chat
+from mixtral.text.tokenizer import load_tokenizer
 
 COMMITTED = default_corpus_root().parent / "instruct"
 SMALL = {"n_sft_train": 150, "n_sft_valid": 40, "n_pref_train": 150, "n_pref_valid": 60, "n_eval": 50}
@@ -201,9 +201,7 @@ def test_evaluate_accuracy_scores_the_right_rows(small, monkeypatch):
     items = load_eval(small / "eval.jsonl")[:12]
     by_prompt = {tuple(encode_chat(tok, it["messages"])): (i, it["answer"]) for i, it in enumerate(items)}
 
-    def fake_generate_ids(
-        model, prompts, params=None, max_new_tokens=128, eos_id=None, should_stop=None, **kw
-    ):
+    def fake_generate_ids(model, prompts, config=None, eos_id=None, should_stop=None, **kw):
         rows = []
         for p in prompts:
             i, answer = by_prompt[tuple(p)]

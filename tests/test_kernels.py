@@ -9,9 +9,10 @@ import torch
 from conftest import tiny_config
 
 from mixtral import kernels
-from mixtral.generate import generate_ids
+from mixtral.inference import generate_ids
+from mixtral.kernels import KernelLinear, apply_kernels
 from mixtral.model import KVCache, Transformer
-from mixtral.quantize import CompressedExperts, CompressedLinear, compress, decompress, quantize_model
+from mixtral.quant import CompressedExperts, CompressedLinear, compress, decompress, quantize_model
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="mixtral CPU kernels not built here")
 
@@ -103,7 +104,8 @@ def test_compression_error_bound(storage):
 def test_quantized_model_decodes_like_its_own_full_recompute(storage):
     """Kernel decode of a compressed model equals the dequantised matmul path (prefill) exactly enough."""
     torch.manual_seed(0)
-    model = quantize_model(Transformer(tiny_config()).eval(), storage, ("experts", "attention", "output"))
+    model = apply_kernels(Transformer(tiny_config()).eval())
+    model = quantize_model(model, storage, ("experts", "attention", "output"))
     assert all(isinstance(layer.feed_forward.experts, CompressedExperts) for layer in model.layers)
     assert isinstance(model.output, CompressedLinear)
     tokens = torch.randint(0, 97, (2, 14))
@@ -142,7 +144,9 @@ def test_quantized_bf16_model_prefills_in_bf16(storage):
     dequantises to bf16, and equals the same model's fp32 dequantised computation to bf16 precision."""
     torch.manual_seed(0)
     ref = quantize_model(Transformer(tiny_config()).eval(), storage, ("experts", "attention", "output"))
-    model = quantize_model(Transformer(tiny_config()).eval().to(torch.bfloat16), storage, ("experts", "attention", "output"))
+    model = quantize_model(
+        Transformer(tiny_config()).eval().to(torch.bfloat16), storage, ("experts", "attention", "output")
+    )
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ref.state_dict().items()})
     experts = model.layers[0].feed_forward.experts
     assert experts.compute_dtype == torch.bfloat16 and experts.weights()[0][0].dtype == torch.bfloat16
@@ -161,7 +165,9 @@ def test_cache_dtype_must_match_the_model():
         model(torch.tensor([[1, 2, 3]]), cache=cache)
 
 
-needs_bf16_dot = pytest.mark.skipif(not kernels.has_bf16_dot(), reason="no AVX512-BF16 dot path in this build")
+needs_bf16_dot = pytest.mark.skipif(
+    not kernels.has_bf16_dot(), reason="no AVX512-BF16 dot path in this build"
+)
 
 
 @needs_bf16_dot
@@ -190,7 +196,7 @@ def test_bf16_model_decodes_like_its_own_full_recompute():
     model = Transformer(tiny_config(dim=64, hidden_dim=96)).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    model = model.to(torch.bfloat16)
+    model = apply_kernels(model.to(torch.bfloat16))
     tokens = torch.randint(0, 97, (2, 14))
     with torch.no_grad():
         full = model(tokens).logits.float()
@@ -206,18 +212,17 @@ def test_bf16_model_decodes_like_its_own_full_recompute():
 def test_kernel_row_limits_per_dtype(monkeypatch):
     """The kernel takes few-row products; bf16 x bf16 hands over to torch's bf16 matmul from 5 rows
     where the CPU has native bf16, int8 matrices stay in the kernel up to 128 rows (no dequantising)."""
-    from mixtral import linear as linear_mod
-    from mixtral.linear import Linear
+    from mixtral.kernels import ops, policy
 
     calls = []
-    real = kernels.linear
-    monkeypatch.setattr(kernels, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    lin = Linear(64, 32).eval()
-    int8 = CompressedLinear(Linear(64, 32), "int8")
+    real = ops.linear
+    monkeypatch.setattr(ops, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    lin = KernelLinear(64, 32).eval()
+    int8 = CompressedLinear(torch.nn.Linear(64, 32, bias=False), "int8")
     with torch.no_grad():
         for rows in (2, 8, 16, 17):
             lin(torch.randn(rows, 64))
-        bf16_limit = linear_mod.KERNEL_MAX_ROWS_BF16 if kernels.has_bf16_dot() else linear_mod.KERNEL_MAX_ROWS
+        bf16_limit = policy.KERNEL_MAX_ROWS_BF16 if kernels.has_bf16_dot() else policy.KERNEL_MAX_ROWS
         lin16 = lin.to(torch.bfloat16)
         for rows in (bf16_limit, bf16_limit + 1):
             lin16(torch.randn(rows, 64, dtype=torch.bfloat16))

@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_config
 
 from mixtral.errors import GenerationError
-from mixtral.model import KVCache, Transformer
+from mixtral.kernels import AutoDispatch
+from mixtral.model import KVCache, LoopDispatch, SortedDispatch, Transformer
 
 
 def _model(**changes) -> Transformer:
@@ -76,8 +77,8 @@ def test_dispatch_paths_give_the_same_model_output_and_grads():
     model = _model()
     tokens = torch.randint(0, 97, (2, 9))
     outs = []
-    for name in ("loop", "sorted", "auto"):
-        model.set_dispatch(name)
+    for dispatcher in (LoopDispatch(), SortedDispatch(), AutoDispatch()):
+        model.set_dispatcher(dispatcher)
         model.zero_grad()
         out = model(tokens)
         out.logits.square().mean().backward()
@@ -86,8 +87,8 @@ def test_dispatch_paths_give_the_same_model_output_and_grads():
         torch.testing.assert_close(logits, outs[0][0], atol=1e-6, rtol=1e-5)
         for a, b in zip(grads, outs[0][1], strict=True):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="unknown dispatch"):
-        model.set_dispatch("magic")
+    with pytest.raises(TypeError, match="dispatcher"):
+        model.set_dispatcher("sorted")
 
 
 @pytest.mark.parametrize(

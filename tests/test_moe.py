@@ -6,16 +6,11 @@ import pytest
 import torch
 
 from mixtral import kernels
-from mixtral.moe import (
-    DISPATCH,
-    Experts,
-    MoE,
-    choose_dispatch,
-    dispatch_kernel,
-    dispatch_loop,
-    dispatch_sorted,
-    route,
-)
+from mixtral.kernels import AutoDispatch, KernelDispatch
+from mixtral.model import Experts, LoopDispatch, MoE, SortedDispatch, route
+
+dispatch_loop, dispatch_sorted, dispatch_kernel = LoopDispatch(), SortedDispatch(), KernelDispatch()
+DISPATCH = {"loop": dispatch_loop, "sorted": dispatch_sorted}
 
 
 def _experts(E: int, D: int, F: int) -> Experts:
@@ -90,10 +85,13 @@ def test_kernel_dispatch_matches_reference(T, E, K, skew, D):
 def test_auto_dispatch_uses_kernel_only_without_autograd():
     experts = _experts(8, 16, 24)
     x = torch.randn(4, 16)
+    auto = AutoDispatch()
     with torch.no_grad():
-        assert choose_dispatch(x, 2, experts) is dispatch_kernel
-        assert choose_dispatch(torch.randn(200, 16), 2, experts) is dispatch_sorted
-    assert choose_dispatch(x, 2, experts) is dispatch_sorted  # parameters require grad
+        assert auto.choose(x, 2, experts) is auto.kernel
+        assert auto.choose(torch.randn(200, 16), 2, experts) is auto.fallback
+        assert auto.choose(x, 2, _experts(8, 16, 24).half()) is auto.fallback  # storage it cannot read
+    assert auto.choose(x, 2, experts) is auto.fallback  # parameters require grad
+    assert isinstance(auto.fallback, SortedDispatch)
 
 
 def test_route_is_softmax_over_topk_logits():
@@ -168,7 +166,7 @@ def test_sorted_dispatch_under_bf16_autocast_matches_reference(skew):
 
 
 def test_grouped_swiglu_skips_frozen_weights_and_checks_counts():
-    from mixtral.grouped import grouped_swiglu
+    from mixtral.model.grouped import grouped_swiglu
 
     experts = _experts(4, 8, 12)
     experts.requires_grad_(False)

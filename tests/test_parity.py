@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mixtral.checkpoint import convert, load_model, save_model  # noqa: E402
-from mixtral.moe import route  # noqa: E402
+from mixtral.model.moe import route  # noqa: E402
 
 CONFIGS = {
     "gqa1-top2-e8": dict(num_attention_heads=4, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2),
@@ -61,7 +61,7 @@ def test_logits_and_routing_match_transformers(pair):
 
 
 def test_greedy_generation_matches_transformers(pair):
-    from mixtral.generate import generate_ids
+    from mixtral.inference import generate_ids
 
     hf, ours, _ = pair
     prompt = torch.randint(3, 211, (1, 9))

@@ -23,7 +23,7 @@ from mixtral.checkpoint import load_model, save_model
 from mixtral.cli import main
 from mixtral.data.packing import PackedStream, TokenizedDocs
 from mixtral.model import Transformer
-from mixtral.tokenizer import load_tokenizer
+from mixtral.text.tokenizer import load_tokenizer
 
 
 def test_random_baselines_formula():

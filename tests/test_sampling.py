@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mixtral.errors import GenerationError
-from mixtral.sampling import SamplingParams, sample
+from mixtral.inference import SamplingParams, sample
 
 
 def test_greedy_is_argmax():

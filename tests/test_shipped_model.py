@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mixtral.checkpoint import load_model
-from mixtral.generate import generate
+from mixtral.inference import generate
 from mixtral.model import Transformer
-from mixtral.tokenizer import load_tokenizer
+from mixtral.text.tokenizer import load_tokenizer
 
 MINI = Path(__file__).resolve().parent.parent / "models" / "mini"
 pytestmark = pytest.mark.skipif(

@@ -11,9 +11,9 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mixtral.chat import encode_chat, format_chat_text
 from mixtral.errors import TokenizerError
-from mixtral.tokenizer import (
+from mixtral.text import encode_chat, format_chat_text
+from mixtral.text.tokenizer import (
     StreamDecoder,
     Tokenizer,
     decode_stream,

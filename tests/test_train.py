@@ -13,11 +13,12 @@ from conftest import tiny_config
 
 from mixtral.data.packing import PackedStream, TokenizedDocs
 from mixtral.errors import TrainingError
+from mixtral.eval.lm import evaluate_lm, masked_cross_entropy
 from mixtral.model import Transformer
 from mixtral.train.checkpoint_io import latest_checkpoint
 from mixtral.train.loop import TrainConfig, lr_at, make_optimizer, train
-from mixtral.train.losses import expert_load, load_balancing_loss, masked_cross_entropy, router_z_loss
-from mixtral.train.pretrain import evaluate_lm, lm_objective
+from mixtral.train.losses import expert_load, load_balancing_loss, router_z_loss
+from mixtral.train.pretrain import lm_objective
 from mixtral.train.recipes import apply_overrides, get_recipe
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from mixtral.eval.mode import eval_mode
+
 
 @torch.no_grad()
 def routing_drift(
@@ -25,20 +27,18 @@ def routing_drift(
     ):  # fmt: skip
         raise ValueError("routing drift compares models with the same layers, experts and top-k")
     k = base.config.top_k
-    modes = base.training, tuned.training
-    base.eval(), tuned.eval()
     set_changed = first_changed = None
     n = 0
-    for tokens, positions in batches:
-        real = positions >= 0
-        a = base(tokens, positions=positions, keep_logits=1).router_logits.topk(k, dim=-1).indices
-        b = tuned(tokens, positions=positions, keep_logits=1).router_logits.topk(k, dim=-1).indices
-        diff_set = (a.sort(-1).values != b.sort(-1).values).any(-1)[:, real].sum(-1)  # [L]
-        diff_first = (a[..., 0] != b[..., 0])[:, real].sum(-1)
-        set_changed = diff_set if set_changed is None else set_changed + diff_set
-        first_changed = diff_first if first_changed is None else first_changed + diff_first
-        n += int(real.sum())
-    base.train(modes[0]), tuned.train(modes[1])
+    with eval_mode(base, tuned):
+        for tokens, positions in batches:
+            real = positions >= 0
+            a = base(tokens, positions=positions, keep_logits=1).router_logits.topk(k, dim=-1).indices
+            b = tuned(tokens, positions=positions, keep_logits=1).router_logits.topk(k, dim=-1).indices
+            diff_set = (a.sort(-1).values != b.sort(-1).values).any(-1)[:, real].sum(-1)  # [L]
+            diff_first = (a[..., 0] != b[..., 0])[:, real].sum(-1)
+            set_changed = diff_set if set_changed is None else set_changed + diff_set
+            first_changed = diff_first if first_changed is None else first_changed + diff_first
+            n += int(real.sum())
     if not n:
         raise ValueError("routing drift needs at least one real token")
     return {

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mixtral.checkpoint import build_meta, load_weights, read_config
-from mixtral.model import rope_cos_sin, segment_mask
+from mixtral.checkpoint import CheckpointReader, build_meta, read_config
+from mixtral.checkpoint.safetensors_io import check_dtype
+from mixtral.model.transformer import rope_cos_sin, segment_mask
 
 
 class LayerwiseModel:
@@ -29,13 +30,16 @@ class LayerwiseModel:
     def __init__(
         self, path: str | Path, dtype: torch.dtype = torch.bfloat16, check_finite: bool = True
     ) -> None:
+        check_dtype(dtype)
         self.path, self.dtype, self.check_finite = Path(path), dtype, check_finite
         self.config = read_config(self.path)[0]
 
-    def _load(self, prefix: str) -> dict[str, torch.Tensor]:
-        _, sd = load_weights(self.path, self.dtype, check_finite=self.check_finite,
-                             select=lambda name: name.startswith(prefix))  # fmt: skip
-        return {name.removeprefix(prefix): t for name, t in sd.items()}
+    def _load(self, reader: CheckpointReader, prefix: str) -> dict[str, torch.Tensor]:
+        return {
+            name.removeprefix(prefix): reader.read(name, self.dtype, check_finite=self.check_finite)
+            for name in reader.shapes
+            if name.startswith(prefix)
+        }
 
     @torch.inference_mode()
     def router_logits(
@@ -46,16 +50,17 @@ class LayerwiseModel:
         for tokens, _ in batches:
             if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
-        emb = self._load("tok_embeddings.")["weight"]
-        hidden = [F.embedding(tokens, emb) for tokens, _ in batches]
-        del emb
-        out = [torch.empty(cfg.n_layers, *tokens.shape, cfg.n_experts) for tokens, _ in batches]
-        skeleton = build_meta(cfg)
-        for i in tqdm(range(cfg.n_layers), desc="layers", disable=not progress, dynamic_ncols=True):
-            block = skeleton.layers[i]
-            block.load_state_dict(self._load(f"layers.{i}."), strict=True, assign=True)
-            for b, (_, positions) in enumerate(batches):
-                cos_sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
-                hidden[b], out[b][i] = block(hidden[b], cos_sin, segment_mask(positions), None)
-            block.to("meta")  # frees this layer's weights before the next one loads
+        with CheckpointReader(self.path) as reader:  # validated once; layers read lazily
+            emb = self._load(reader, "tok_embeddings.")["weight"]
+            hidden = [F.embedding(tokens, emb) for tokens, _ in batches]
+            del emb
+            out = [torch.empty(cfg.n_layers, *tokens.shape, cfg.n_experts) for tokens, _ in batches]
+            skeleton = build_meta(cfg)
+            for i in tqdm(range(cfg.n_layers), desc="layers", disable=not progress, dynamic_ncols=True):
+                block = skeleton.layers[i]
+                block.load_state_dict(self._load(reader, f"layers.{i}."), strict=True, assign=True)
+                for b, (_, positions) in enumerate(batches):
+                    cos_sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
+                    hidden[b], out[b][i] = block(hidden[b], cos_sin, segment_mask(positions), None)
+                block.to("meta")  # frees this layer's weights before the next one loads
         return out

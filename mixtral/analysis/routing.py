@@ -22,8 +22,9 @@ from tqdm import tqdm
 from mixtral.analysis.layerwise import LayerwiseModel
 from mixtral.analysis.routing_stats import RoutingStats, Specialisation, random_baselines
 from mixtral.data.packing import PackedStream, TokenizedDocs
-from mixtral.moe import route
-from mixtral.tokenizer import StreamDecoder, Tokenizer
+from mixtral.eval.mode import eval_mode
+from mixtral.model import route
+from mixtral.text import StreamDecoder, Tokenizer
 
 
 def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
@@ -239,14 +240,11 @@ def analyze_routing(
     batches = [(x, p) for _, x, p in work] + [(x, torch.arange(x.shape[1])[None]) for _, x in sample_rows]
     traces: dict[str, list[np.ndarray]] = {d: [] for d in data}
     samples: list[TokenSample] = []
-    was_training = isinstance(model, nn.Module) and model.training
-    if isinstance(model, nn.Module):
-        model.eval()
     t_start = time.perf_counter()
     bar = tqdm(
         total=sum(budget.values()), unit="tok", desc="routing", disable=not progress, dynamic_ncols=True
     )
-    try:
+    with bar, eval_mode(model):
         for i, router in enumerate(_route_all(model, batches, bar)):
             if i < len(work):
                 domain, tokens, positions = work[i]
@@ -261,10 +259,6 @@ def analyze_routing(
                 samples.append(_sample(domain, ids[0].tolist(), router[:, 0], cfg.top_k, tokenizer))
         forward_s = time.perf_counter() - t_start
         spec = stats.specialisation(n_resamples, seed)
-    finally:
-        bar.close()
-        if was_training:
-            model.train()
     total_s = time.perf_counter() - t_start
     n_tokens = int(stats.tokens.sum())
     timing = {"tokens": n_tokens, "seconds": round(total_s, 3), "forward_and_stats_seconds": round(forward_s, 3),

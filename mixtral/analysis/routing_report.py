@@ -13,7 +13,6 @@ import html
 import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,22 +23,12 @@ from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from mixtral.atomic import write_atomic
+
 MONO = "DejaVu Sans Mono"
 WRAP = 100  # characters per line in tokens.png
 MAX_FIGURE_SAMPLES = 3
 DPI = 110
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _png(fig: Figure) -> bytes:
@@ -413,10 +402,10 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
     """Writes report.json, PNG figures and a self-contained report.html into out_dir; returns the html path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
+    write_atomic(out / "report.json", json.dumps(report, indent=1).encode())
     pngs = {name: _png(make(report)) for name, make in FIGURES.items()}
     for name, data in pngs.items():
-        _atomic_write(out / f"{name}.png", data)
+        write_atomic(out / f"{name}.png", data)
     page = out / "report.html"
-    _atomic_write(page, render_html(report, pngs).encode("utf-8"))
+    write_atomic(page, render_html(report, pngs).encode("utf-8"))
     return page

@@ -5,9 +5,7 @@ Public API: `load_corpus`, `read_documents` (txt / jsonl / parquet), `Document`,
 (`MathItem`, `MATH_MODULES`), `train_tokenizer`. Every bad input raises `DataError`.
 """
 
-from mixtral.errors import DataError
-
-from .corpus import (
+from mixtral.data.corpus import (
     Document,
     Split,
     default_corpus_root,
@@ -19,11 +17,11 @@ from .corpus import (
     read_text,
     verify_corpus,
 )
-from .mathgen import MODULES as MATH_MODULES
-from .mathgen import MathItem
-from .mathgen import generate as generate_math
-from .mathgen import iter_items as iter_math
-from .packing import (
+from mixtral.data.mathgen import MODULES as MATH_MODULES
+from mixtral.data.mathgen import MathItem
+from mixtral.data.mathgen import generate as generate_math
+from mixtral.data.mathgen import iter_items as iter_math
+from mixtral.data.packing import (
     PackedBatch,
     PackedStream,
     TokenizedDocs,
@@ -31,7 +29,8 @@ from .packing import (
     pack_documents,
     tokenize_documents,
 )
-from .tokenizer_train import train_tokenizer, training_lines
+from mixtral.data.tokenizer_train import train_tokenizer, training_lines
+from mixtral.errors import DataError
 
 __all__ = [
     "MATH_MODULES",

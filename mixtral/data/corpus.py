@@ -117,10 +117,11 @@ def read_text(path: str | os.PathLike[str]) -> Iterator[Document]:
         raise DataError(f"{path}: no text (the file is empty or only whitespace and separators)")
 
 
-def read_jsonl(path: str | os.PathLike[str], text_field: str = "text") -> Iterator[Document]:
-    """Documents of a JSON-lines file, the text taken from `text_field` of each object."""
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("path:line", object) for every non-blank line of a JSON-lines file (`.gz`/`.xz`/`.bz2`
+    decompressed); DataError names the file and line of anything malformed, or an empty file."""
     path = Path(path)
-    _, compression = _format_of(path)
+    compression = _COMPRESSED.get(path.suffix.lower()) and path.suffix.lower()
     found = False
     with _open_binary(path, compression) as f:
         try:
@@ -129,15 +130,20 @@ def read_jsonl(path: str | os.PathLike[str], text_field: str = "text") -> Iterat
                 if not line.strip():
                     continue
                 found = True
-                record = _parse_record(line, path, line_no)
-                text = _text_field(record, text_field, f"{path}:{line_no}")
-                if text:
-                    source = record.get("source")
-                    yield Document(text, source if isinstance(source, str) else f"{path}:{line_no}")
+                yield f"{path}:{line_no}", _parse_record(line, path, line_no)
         except (OSError, EOFError, lzma.LZMAError) as e:
             raise DataError(f"{path}: cannot read: {e}") from e
     if not found:
         raise DataError(f"{path}: empty file (no JSON records)")
+
+
+def read_jsonl(path: str | os.PathLike[str], text_field: str = "text") -> Iterator[Document]:
+    """Documents of a JSON-lines file, the text taken from `text_field` of each object."""
+    for where, record in iter_jsonl(path):
+        text = _text_field(record, text_field, where)
+        if text:
+            source = record.get("source")
+            yield Document(text, source if isinstance(source, str) else where)
 
 
 def _parse_record(line: str, path: Path, line_no: int) -> dict[str, Any]:

@@ -29,20 +29,18 @@ positions count 0..n-1 on real tokens (one segment per row, see `mixtral.model`)
 
 from __future__ import annotations
 
-import lzma
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
 
-from mixtral.chat import _validate_chat, encode_chat, encode_chat_with_mask
-from mixtral.data.corpus import _COMPRESSED, _decode, _parse_record
+from mixtral.data.corpus import iter_jsonl
 from mixtral.errors import DataError, TokenizerError
-from mixtral.tokenizer import Tokenizer
+from mixtral.text.chat import encode_chat, encode_chat_with_mask, validate_chat
+from mixtral.text.tokenizer import Tokenizer
 
 Messages = list[dict[str, str]]
 
@@ -50,30 +48,12 @@ Messages = list[dict[str, str]]
 # ------------------------------------------------------------------ reading
 
 
-def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """("path:line", record) for every non-blank line of a JSON-lines file."""
-    opener = _COMPRESSED.get(path.suffix.lower(), open)
-    found = False
-    try:
-        with opener(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                line = _decode(raw, path, line_no)
-                if not line.strip():
-                    continue
-                found = True
-                yield f"{path}:{line_no}", _parse_record(line, path, line_no)
-    except (OSError, EOFError, lzma.LZMAError) as e:
-        raise DataError(f"{path}: cannot read: {e}") from e
-    if not found:
-        raise DataError(f"{path}: empty file (no JSON records)")
-
-
 def _check_conversation(messages: Any, where: str, final: str = "complete") -> list[tuple[str, str]]:
     """The (role, content) turns of a valid conversation with non-empty contents, or DataError."""
     if not isinstance(messages, list):
         raise DataError(f"{where}: expected a list of messages, got {type(messages).__name__}")
     try:
-        _, turns = _validate_chat(messages, final)
+        _, turns = validate_chat(messages, final)
     except TokenizerError as e:
         raise DataError(f"{where}: {e}") from e
     for index, message in enumerate(messages):
@@ -96,7 +76,7 @@ def check_sft_record(record: Mapping[str, Any], where: str = "record") -> Messag
 
 def read_sft(path: str | os.PathLike[str]) -> list[Messages]:
     """Every conversation of an SFT JSON-lines file (`{"messages": [...]}` per line)."""
-    return [check_sft_record(record, where) for where, record in _records(Path(path))]
+    return [check_sft_record(record, where) for where, record in iter_jsonl(path)]
 
 
 def _as_messages(value: Any, field: str, role: str, where: str) -> Messages:
@@ -131,7 +111,7 @@ def check_preference_record(record: Mapping[str, Any], where: str = "record") ->
 
 def read_preferences(path: str | os.PathLike[str]) -> list[dict[str, Messages]]:
     """Every preference pair of a JSON-lines file, normalised (see `check_preference_record`)."""
-    return [check_preference_record(record, where) for where, record in _records(Path(path))]
+    return [check_preference_record(record, where) for where, record in iter_jsonl(path)]
 
 
 # ------------------------------------------------------------------ tokenizing

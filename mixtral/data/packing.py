@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mixtral.atomic import atomic_file
 from mixtral.data.corpus import Document
 from mixtral.errors import DataError
-from mixtral.tokenizer import Tokenizer
+from mixtral.text.tokenizer import Tokenizer
 
 _STATE_VERSION = 1
 
@@ -95,10 +96,8 @@ def tokenize_documents(
                 return TokenizedDocs(tokens=cached["tokens"], offsets=cached["offsets"])
     result = TokenizedDocs.from_lists(tok.encode(t, bos=True, eos=True) for t in texts)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, tokens=result.tokens, offsets=result.offsets)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        with atomic_file(path) as tmp:  # a concurrent reader never sees half a file
+            np.savez(tmp, tokens=result.tokens, offsets=result.offsets)
     return result
 
 

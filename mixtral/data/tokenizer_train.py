@@ -24,7 +24,7 @@ import sentencepiece
 
 from mixtral.data.corpus import load_corpus, read_documents
 from mixtral.errors import DataError, TokenizerError
-from mixtral.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+from mixtral.text.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 
 _MAX_LINE_BYTES = 16384  # longer lines (minified data, long table rows) teach nothing useful
 

@@ -38,8 +38,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import _atomic_directory
-from ..errors import TrainingError
+from mixtral.atomic import atomic_directory
+from mixtral.errors import TrainingError
 
 VERSION = 1
 MODEL, CONFIG, STATE, RNG, COMMIT = (
@@ -101,7 +101,7 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     _remove_debris(root)
     final = root / f"step-{state.step:08d}"
-    with _atomic_directory(final, overwrite=True) as tmp:
+    with atomic_directory(final, overwrite=True) as tmp:
         save_file({k: v.cpu() for k, v in model_tensors.items()}, tmp / MODEL, metadata={"format": "pt"})
         save_file({k: v.cpu() for k, v in opt_tensors.items()}, tmp / OPTIMIZER, metadata={"format": "pt"})
         save_file(rng_tensors, tmp / RNG, metadata={"format": "pt"})

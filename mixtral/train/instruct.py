@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loop import ObjectiveOutput
-from .pretrain import lm_objective
+from mixtral.eval.mode import eval_mode
+from mixtral.train.loop import ObjectiveOutput
+from mixtral.train.pretrain import lm_objective
 
 sft_objective = lm_objective  # the loss mask of an SFTBatch already keeps assistant tokens only
 
@@ -72,13 +73,11 @@ def pair_logprobs(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, 
 @torch.no_grad()
 def reference_logprobs(model: nn.Module, stream, batch_size: int = 8) -> torch.Tensor:
     """`[N, 2]` (chosen, rejected) log-probs of every example of a PreferenceStream, in one pass."""
-    was_training = model.training
-    model.eval()
     out = torch.full((len(stream.examples), 2), float("nan"))
-    for batch in stream.iter_batches(batch_size):
-        chosen, rejected, _ = pair_logprobs(model, batch)
-        out[batch.index, 0], out[batch.index, 1] = chosen.float(), rejected.float()
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in stream.iter_batches(batch_size):
+            chosen, rejected, _ = pair_logprobs(model, batch)
+            out[batch.index, 0], out[batch.index, 1] = chosen.float(), rejected.float()
     if torch.isnan(out).any():
         raise RuntimeError("reference_logprobs: some examples were never visited")
     return out
@@ -115,15 +114,13 @@ class DPOObjective:
 @torch.no_grad()
 def evaluate_dpo(model: nn.Module, objective: DPOObjective, stream, batch_size: int = 8) -> dict[str, float]:
     """Held-out DPO loss and reward metrics, example-weighted, over a PreferenceStream once."""
-    was_training = model.training
-    model.eval()
     sums: dict[str, float] = {}
     n = 0
-    for batch in stream.iter_batches(batch_size):
-        out = objective(model, batch)
-        b = batch.index.numel()
-        for key, value in {"loss": float(out.loss), **out.metrics}.items():
-            sums[key] = sums.get(key, 0.0) + value * b
-        n += b
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in stream.iter_batches(batch_size):
+            out = objective(model, batch)
+            b = batch.index.numel()
+            for key, value in {"loss": float(out.loss), **out.metrics}.items():
+                sums[key] = sums.get(key, 0.0) + value * b
+            n += b
     return {key: value / max(n, 1) for key, value in sums.items()}

@@ -11,13 +11,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..checkpoint import load_model, save_model
-from ..data.instruct import (
+from mixtral.checkpoint import load_model, save_model
+from mixtral.data.instruct import (
     PreferenceStream,
     SFTStream,
     read_preferences,
@@ -25,12 +27,12 @@ from ..data.instruct import (
     tokenize_preferences,
     tokenize_sft,
 )
-from ..errors import DataError
-from ..tokenizer import load_tokenizer
-from .instruct import DPOObjective, dpo_loss, evaluate_dpo, reference_logprobs, sft_objective
-from .loop import TrainConfig, train
-from .losses import masked_cross_entropy
-from .run import plot_curve
+from mixtral.errors import DataError
+from mixtral.eval.lm import masked_loss
+from mixtral.text import load_tokenizer
+from mixtral.train.instruct import DPOObjective, dpo_loss, evaluate_dpo, reference_logprobs, sft_objective
+from mixtral.train.loop import Objective, TrainConfig, train
+from mixtral.train.run import plot_curve
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "instruct"
 
@@ -59,20 +61,65 @@ class InstructConfig:
         dpo_loss(z, z, z, z, self.beta, self.label_smoothing)  # raises on a bad beta or label_smoothing
 
 
-def _files(
-    kind: str, train_file: str | Path | None, valid_file: str | Path | None
-) -> tuple[Path, Path | None]:
+@dataclass(frozen=True)
+class _Kind:
+    """What differs between SFT and DPO data: the bundled file stem, its reader and tokenizer."""
+
+    name: str  # "sft" or "dpo"
+    files: str  # data/instruct/{files}_train.jsonl, {files}_valid.jsonl
+    read: Callable[[Path], list]
+    tokenize: Callable[..., tuple[list, dict]]
+    records: str  # what a record is, for messages
+
+
+SFT = _Kind("sft", "sft", read_sft, tokenize_sft, "conversation")
+DPO = _Kind("dpo", "pref", read_preferences, tokenize_preferences, "preference pair")
+# (model, train examples, valid examples or None) -> (objective, train stream, evaluate)
+Setup = Callable[
+    [torch.nn.Module, list, list | None], tuple[Objective, Any, Callable[[torch.nn.Module], dict]]
+]
+
+
+def _run(
+    kind: _Kind,
+    model_path: str | Path,
+    out_dir: str | Path,
+    files: tuple[str | Path | None, str | Path | None],
+    cfg: TrainConfig,
+    icfg: InstructConfig,
+    setup: Setup,
+    run: tuple[bool, bool],
+) -> tuple[torch.nn.Module, object, Path, dict]:
+    """The skeleton both runs share: data, objective from `setup`, evaluation before and after, training.
+
+    Returns (model, tokenizer, out dir, partial report with steps, tokens_seen, data, before, after).
+    `run` is (resume, progress).
+    """
+    train_file, valid_file = files
     if train_file is None:
-        train_file = DATA_DIR / f"{kind}_train.jsonl"
-        valid_file = valid_file or DATA_DIR / f"{kind}_valid.jsonl"
-    return Path(train_file), (Path(valid_file) if valid_file else None)
-
-
-def _start(model_path: str | Path, out_dir: str | Path, info: dict) -> tuple[torch.nn.Module, object, Path]:
+        train_file = DATA_DIR / f"{kind.files}_train.jsonl"
+        valid_file = valid_file or DATA_DIR / f"{kind.files}_valid.jsonl"
+    train_path, valid_path = Path(train_file), (Path(valid_file) if valid_file else None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    info = {"kind": kind.name, "base": str(model_path), "train_file": train_path, "valid_file": valid_path,
+            "train": dataclasses.asdict(cfg), "instruct": dataclasses.asdict(icfg)}  # fmt: skip
     (out / "run.json").write_text(json.dumps(info, indent=2, default=str))
-    return load_model(model_path), load_tokenizer(model_path), out
+    model, tok = load_model(model_path), load_tokenizer(model_path)
+    examples, counts = kind.tokenize(tok, kind.read(train_path), icfg.max_len)
+    if not examples:
+        raise DataError(f"{train_path}: no {kind.records} survives max_len={icfg.max_len}")
+    data_info, valid = {"train": counts}, None
+    if valid_path is not None:
+        valid, data_info["valid"] = kind.tokenize(tok, kind.read(valid_path), icfg.max_len)
+    (out / "data.json").write_text(json.dumps(data_info, indent=2))
+    objective, stream, evaluate = setup(model, examples, valid)
+    before = evaluate(model)
+    torch.manual_seed(cfg.seed)
+    state = train(model, objective, stream, cfg, out, evaluate, *run)
+    report = {"kind": kind.name, "steps": state.step, "tokens_seen": state.tokens_seen, "data": data_info,
+              "before": before, "after": evaluate(model)}  # fmt: skip
+    return model, tok, out, report
 
 
 def _finish(model, tok, out: Path, report: dict, title: str, eval_key: str, ylabel: str) -> dict:
@@ -83,18 +130,9 @@ def _finish(model, tok, out: Path, report: dict, title: str, eval_key: str, ylab
     return report
 
 
-@torch.no_grad()
 def sft_loss(model: torch.nn.Module, stream: SFTStream, batch_size: int = 8) -> float:
     """Mean cross-entropy over the assistant tokens of every example, once."""
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for batch in stream.iter_batches(batch_size):
-        k = int(batch.loss_mask.sum())
-        total += float(masked_cross_entropy(model(batch.inputs, positions=batch.positions).logits,
-                                            batch.targets, batch.loss_mask)) * k  # fmt: skip
-        n += k
-    model.train(was_training)
+    total, n = masked_loss(model, stream.iter_batches(batch_size))
     return total / max(n, 1)
 
 
@@ -109,31 +147,20 @@ def run_sft(
     progress: bool = True,
 ) -> dict:
     """Supervised fine-tuning on assistant tokens; returns the held-out loss before and after."""
-    train_path, valid_path = _files("sft", train_file, valid_file)
-    model, tok, out = _start(model_path, out_dir, {"kind": "sft", "base": str(model_path), "train_file": train_path,
-                                                   "valid_file": valid_path, "train": dataclasses.asdict(cfg),
-                                                   "instruct": dataclasses.asdict(icfg)})  # fmt: skip
-    examples, counts = tokenize_sft(tok, read_sft(train_path), icfg.max_len)
-    if not examples:
-        raise DataError(f"{train_path}: no conversation survives max_len={icfg.max_len}")
-    data_info = {"train": counts}
-    valid = None
-    if valid_path is not None:
-        valid_examples, data_info["valid"] = tokenize_sft(tok, read_sft(valid_path), icfg.max_len)
-        valid = SFTStream(valid_examples, shuffle=False)
-    (out / "data.json").write_text(json.dumps(data_info, indent=2))
-    before = sft_loss(model, valid, icfg.eval_batch_size) if valid else None
 
-    def evaluate(m):
-        return {"sft_loss": sft_loss(m, valid, icfg.eval_batch_size)} if valid else {}
+    def setup(model, examples, valid_examples):
+        valid = SFTStream(valid_examples, shuffle=False) if valid_examples is not None else None
 
-    torch.manual_seed(cfg.seed)
-    state = train(
-        model, sft_objective, SFTStream(examples, seed=cfg.seed), cfg, out, evaluate, resume, progress
-    )
-    report = {"kind": "sft", "steps": state.step, "tokens_seen": state.tokens_seen, "data": data_info,
-              "valid_loss_before": before, "valid_loss_after": sft_loss(model, valid, icfg.eval_batch_size) if valid else None}  # fmt: skip
-    return _finish(model, tok, out, report, "SFT", "sft_loss", "assistant-token cross-entropy (nats)")
+        def evaluate(m):
+            return {"sft_loss": sft_loss(m, valid, icfg.eval_batch_size)} if valid else {}
+
+        return sft_objective, SFTStream(examples, seed=cfg.seed), evaluate
+
+    files = (train_file, valid_file)
+    model, tok, out, r = _run(SFT, model_path, out_dir, files, cfg, icfg, setup, (resume, progress))
+    before, after = r.pop("before"), r.pop("after")
+    r.update(valid_loss_before=before.get("sft_loss"), valid_loss_after=after.get("sft_loss"))
+    return _finish(model, tok, out, r, "SFT", "sft_loss", "assistant-token cross-entropy (nats)")
 
 
 def run_dpo(
@@ -147,36 +174,26 @@ def run_dpo(
     progress: bool = True,
 ) -> dict:
     """DPO from `model_path` (also the reference); returns held-out reward metrics before and after."""
-    train_path, valid_path = _files("pref", train_file, valid_file)
-    model, tok, out = _start(model_path, out_dir, {"kind": "dpo", "base": str(model_path), "train_file": train_path,
-                                                   "valid_file": valid_path, "train": dataclasses.asdict(cfg),
-                                                   "instruct": dataclasses.asdict(icfg)})  # fmt: skip
-    examples, counts = tokenize_preferences(tok, read_preferences(train_path), icfg.max_len)
-    if not examples:
-        raise DataError(f"{train_path}: no preference pair survives max_len={icfg.max_len}")
-    data_info = {"train": counts}
-    stream = PreferenceStream(examples, seed=cfg.seed)
-    # The reference is the model as loaded, before train() restores any checkpoint of this run.
-    frozen = copy.deepcopy(model) if icfg.reference == "copy" else None
-    ref = frozen if frozen is not None else reference_logprobs(model, stream, icfg.eval_batch_size)
-    objective = DPOObjective(ref, icfg.beta, icfg.label_smoothing)
-    valid = valid_objective = None
-    if valid_path is not None:
-        valid_examples, data_info["valid"] = tokenize_preferences(
-            tok, read_preferences(valid_path), icfg.max_len
-        )
-        valid = PreferenceStream(valid_examples, shuffle=False)
-        valid_ref = frozen if frozen is not None else reference_logprobs(model, valid, icfg.eval_batch_size)
-        valid_objective = DPOObjective(valid_ref, icfg.beta, icfg.label_smoothing)
-    (out / "data.json").write_text(json.dumps(data_info, indent=2))
 
-    def evaluate(m):
-        return evaluate_dpo(m, valid_objective, valid, icfg.eval_batch_size) if valid else {}
+    def setup(model, examples, valid_examples):
+        stream = PreferenceStream(examples, seed=cfg.seed)
+        # The reference is the model as loaded, before train() restores any checkpoint of this run.
+        frozen = copy.deepcopy(model) if icfg.reference == "copy" else None
 
-    before = evaluate(model)
-    torch.manual_seed(cfg.seed)
-    state = train(model, objective, stream, cfg, out, evaluate, resume, progress)
-    report = {"kind": "dpo", "steps": state.step, "tokens_seen": state.tokens_seen, "data": data_info,
-              "beta": icfg.beta, "label_smoothing": icfg.label_smoothing, "reference": icfg.reference,
-              "valid_before": before, "valid_after": evaluate(model)}  # fmt: skip
-    return _finish(model, tok, out, report, f"DPO (beta={icfg.beta})", "loss", "DPO loss")
+        def objective_for(data: PreferenceStream) -> DPOObjective:
+            ref = frozen if frozen is not None else reference_logprobs(model, data, icfg.eval_batch_size)
+            return DPOObjective(ref, icfg.beta, icfg.label_smoothing)
+
+        valid = PreferenceStream(valid_examples, shuffle=False) if valid_examples is not None else None
+        objective, valid_objective = objective_for(stream), objective_for(valid) if valid else None
+
+        def evaluate(m):
+            return evaluate_dpo(m, valid_objective, valid, icfg.eval_batch_size) if valid else {}
+
+        return objective, stream, evaluate
+
+    files = (train_file, valid_file)
+    model, tok, out, r = _run(DPO, model_path, out_dir, files, cfg, icfg, setup, (resume, progress))
+    r.update(beta=icfg.beta, label_smoothing=icfg.label_smoothing, reference=icfg.reference,
+             valid_before=r.pop("before"), valid_after=r.pop("after"))  # fmt: skip
+    return _finish(model, tok, out, r, f"DPO (beta={icfg.beta})", "loss", "DPO loss")

@@ -21,9 +21,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..errors import TrainingError
-from .checkpoint_io import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
-from .losses import BALANCE_FORMS, expert_load, load_balancing_loss, router_z_loss
+from mixtral.errors import TrainingError
+from mixtral.train.checkpoint_io import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from mixtral.train.losses import BALANCE_FORMS, expert_load, load_balancing_loss, router_z_loss
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Training losses: masked next-token cross-entropy, load balancing (pooled and per-layer), router z-loss.
+"""Router losses added to every training objective: load balancing (pooled and per-layer), router z-loss.
+
+(The next-token cross-entropy, which evaluation shares, is `mixtral.eval.lm.masked_cross_entropy`.)
 
 References (../shared/reference/mixtral.md section 5):
 - Switch Transformer load balancing (Fedus et al. 2021): L = N · Σ_i f_i · P_i.
@@ -16,17 +18,6 @@ import torch
 import torch.nn.functional as F
 
 BALANCE_FORMS = ("pooled", "per_layer", "none")
-
-
-def masked_cross_entropy(
-    logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor | None
-) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions where mask is True (all if None), in fp32."""
-    losses = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten().long(), reduction="none")
-    if mask_BT is None:
-        return losses.mean()
-    mask = mask_BT.flatten().float()
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def _flat(router_logits_LBTE: torch.Tensor, mask_BT: torch.Tensor | None) -> torch.Tensor:

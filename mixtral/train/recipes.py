@@ -8,8 +8,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import MixtralConfig
-from .loop import TrainConfig
+from mixtral.config import MixtralConfig
+from mixtral.train.loop import TrainConfig
 
 
 @dataclass(frozen=True)

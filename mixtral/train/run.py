@@ -14,15 +14,16 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_model
-from ..data.corpus import load_corpus, read_documents
-from ..data.packing import PackedStream, tokenize_documents
-from ..data.tokenizer_train import train_tokenizer
-from ..model import Transformer
-from ..tokenizer import Tokenizer, load_tokenizer
-from .loop import train
-from .pretrain import evaluate_lm, lm_objective
-from .recipes import DataConfig, Recipe
+from mixtral.checkpoint import save_model
+from mixtral.data.corpus import load_corpus, read_documents
+from mixtral.data.packing import PackedStream, tokenize_documents
+from mixtral.data.tokenizer_train import train_tokenizer
+from mixtral.eval.lm import evaluate_lm
+from mixtral.model import Transformer
+from mixtral.text import Tokenizer, load_tokenizer
+from mixtral.train.loop import train
+from mixtral.train.pretrain import lm_objective
+from mixtral.train.recipes import DataConfig, Recipe
 
 
 def prepare_tokenizer(data: DataConfig, out_dir: Path) -> Tokenizer:

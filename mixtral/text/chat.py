@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from .errors import TokenizerError
-from .tokenizer import Tokenizer
+from mixtral.errors import TokenizerError
+from mixtral.text.tokenizer import Tokenizer
 
 FinalAssistant = Literal["error", "prefix", "complete"]
 
@@ -72,7 +72,7 @@ def format_chat_text(
 
 def _chat_segments(messages: Sequence[Mapping[str, Any]], final_assistant: str) -> list[tuple[str, str]]:
     """("bos" | "eos" | "text", text) pieces of the v1 prompt, each text piece encoded separately."""
-    system, turns = _validate_chat(messages, final_assistant)
+    system, turns = validate_chat(messages, final_assistant)
     segments = [("bos", "")]
     for position, (role, content) in enumerate(turns):
         if role == "user":
@@ -86,7 +86,7 @@ def _chat_segments(messages: Sequence[Mapping[str, Any]], final_assistant: str) 
     return segments
 
 
-def _validate_chat(messages: Sequence[Mapping[str, Any]], final_assistant: str) -> tuple[str, list]:
+def validate_chat(messages: Sequence[Mapping[str, Any]], final_assistant: str) -> tuple[str, list]:
     """(system prompt, [(role, content)] alternating from user) or TokenizerError naming the message."""
     if final_assistant not in ("error", "prefix", "complete"):
         raise TokenizerError(f"final_assistant must be error, prefix or complete, not {final_assistant!r}")

@@ -10,10 +10,11 @@ Conventions:
 - `positions` [B, T] are RoPE positions. Without a cache, a position 0 starts a new segment and
   attention never crosses segments, so left padding (position -1 before a row's 0) and packed
   documents (positions restarting at 0) are both handled; a pad token's own output is meaningless.
-- The KV cache is passed explicitly and never hidden inside modules. Row b's token at position p
-  lives in cache slot p (padding goes to a spare slot no query reads), so a query at position p
-  attends slots 0..p of its row: the same mask for prefill chunks and decode, no per-row offsets.
-  `KVCache.static` attends over the whole buffer (fixed shapes for torch.compile).
+- The KV cache (`mixtral.model.cache`) is passed explicitly and never hidden inside modules; each
+  layer's attention writes and reads through its `LayerCache` view.
+- The model is plain single-device PyTorch. Fast paths are applied to a built model from outside
+  (`mixtral.kernels.apply_kernels`, `mixtral.quant.quantize_model`), and the MoE dispatch strategy
+  is an object (`set_dispatcher`); nothing here imports them.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import MixtralConfig
-from .errors import GenerationError
-from .linear import Linear
-from .moe import MoE
+from mixtral.config import MixtralConfig
+from mixtral.errors import GenerationError
+from mixtral.model.cache import KVCache, LayerCache
+from mixtral.model.dispatch import Dispatcher
+from mixtral.model.moe import MoE
 
 
 @dataclass(frozen=True)
@@ -37,42 +39,6 @@ class ModelOutput:
 
     logits: torch.Tensor
     router_logits: torch.Tensor
-
-
-@dataclass
-class KVCache:
-    """Preallocated keys/values for every layer: k, v [L, B, KV, S + 1, hd] (slot S is a bin for padding).
-
-    `length` counts the tokens written per row so far (the longest row's next position); eager
-    attention reads slots [0, length), a `static` cache always reads all S slots.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    length: int = 0
-    static: bool = False
-
-    @classmethod
-    def allocate(
-        cls,
-        config: MixtralConfig,
-        batch_size: int,
-        max_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        static: bool = False,
-    ) -> KVCache:
-        if max_len > config.max_seq_len:
-            raise GenerationError(
-                f"cache length {max_len} exceeds the model context of {config.max_seq_len} tokens"
-            )
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len + 1, config.head_dim)
-        zeros = torch.zeros(shape, dtype=dtype, device=device)
-        return cls(k=zeros, v=zeros.clone(), static=static)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3] - 1
 
 
 class RMSNorm(nn.Module):
@@ -105,36 +71,36 @@ def apply_rope(x_BHTd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tenso
     return x_BHTd * cos_BTd[:, None] + rotated * sin_BTd[:, None]
 
 
+def _linear(in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=False)
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention through scaled_dot_product_attention."""
 
     def __init__(self, config: MixtralConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = Linear(config.dim, config.q_dim)
-        self.wk = Linear(config.dim, config.kv_dim)
-        self.wv = Linear(config.dim, config.kv_dim)
-        self.wo = Linear(config.q_dim, config.dim)
+        self.wq = _linear(config.dim, config.q_dim)
+        self.wk = _linear(config.dim, config.kv_dim)
+        self.wv = _linear(config.dim, config.kv_dim)
+        self.wo = _linear(config.q_dim, config.dim)
 
     def forward(
         self,
         x_BTD: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None,
+        cache: LayerCache | None,
     ) -> torch.Tensor:
-        """mask: bool [B, 1, T, S] (True = attend) or None for plain causal attention (S == T);
-        kv: (k_cache, v_cache, slots_BT, attend) of this layer: write at slots, read [0, attend)."""
+        """mask: bool [B, 1, T, S] (True = attend) or None for plain causal attention (S == T)."""
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        if kv is not None:
-            k_cache, v_cache, slots_BT, attend = kv
-            index = slots_BT[:, None, :, None].expand_as(k)
-            k = k_cache.scatter_(2, index, k)[:, :, :attend]
-            v = v_cache.scatter_(2, index, v)[:, :, :attend]
+        if cache is not None:
+            k, v = cache.update(k, v)
         gqa = self.n_heads != self.n_kv_heads
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa
@@ -150,8 +116,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = MoE(config.dim, config.hidden_dim, config.n_experts, config.top_k)
 
-    def forward(self, x, cos_sin, mask, kv) -> tuple[torch.Tensor, torch.Tensor]:
-        h = x + self.attention(self.attention_norm(x), cos_sin, mask, kv)
+    def forward(self, x, cos_sin, mask, cache: LayerCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x + self.attention(self.attention_norm(x), cos_sin, mask, cache)
         moe_out, router_logits = self.feed_forward(self.ffn_norm(h))
         return h + moe_out, router_logits
 
@@ -181,7 +147,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = Linear(config.dim, config.vocab_size)
+        self.output = _linear(config.dim, config.vocab_size)
         self.activation_checkpointing = False  # training only: recompute each block in backward
         self.reset_parameters()
 
@@ -194,14 +160,14 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def set_dispatch(self, name: str) -> None:
-        """Select the MoE dispatch strategy of every layer: "auto" or a name in moe.DISPATCH."""
-        from .moe import DISPATCH
-
-        if name != "auto" and name not in DISPATCH:
-            raise ValueError(f"unknown dispatch {name!r}; choose from auto, {', '.join(DISPATCH)}")
+    def set_dispatcher(self, dispatcher: Dispatcher) -> None:
+        """Use `dispatcher` (see mixtral.model.dispatch) in every MoE layer."""
+        if not callable(dispatcher):
+            raise TypeError(
+                f"a dispatcher is called as dispatcher(x, ids, weights, experts), got {dispatcher!r}"
+            )
         for layer in self.layers:
-            layer.feed_forward.dispatch = name
+            layer.feed_forward.dispatcher = dispatcher
 
     def forward(
         self,
@@ -239,27 +205,26 @@ class Transformer(nn.Module):
     ) -> ModelOutput:
         """One cached forward with no Python state: the unit torch.compile captures for decoding.
         Writes k/v at slot = position (padding, position -1, into the spare last slot)."""
-        slots = torch.where(positions < 0, k_cache.shape[3] - 1, positions)
-        kv = [(k_cache[i], v_cache[i], slots, attend) for i in range(len(self.layers))]
-        return self.step(tokens, positions, cache_mask(positions, attend), kv, keep_logits)
+        caches = LayerCache.for_layers(k_cache, v_cache, positions, attend)
+        return self.step(tokens, positions, cache_mask(positions, attend), caches, keep_logits)
 
     def step(
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor | None,
-        kv: list | None,
+        caches: list[LayerCache] | None,
         keep_logits: int | None,
     ) -> ModelOutput:
         x = self.tok_embeddings(tokens)
         cos_sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         router_logits = []
         for i, layer in enumerate(self.layers):
-            layer_kv = kv[i] if kv is not None else None
+            cache = caches[i] if caches is not None else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, logits_BTE = checkpoint(layer, x, cos_sin, mask, layer_kv, use_reentrant=False)
+                x, logits_BTE = checkpoint(layer, x, cos_sin, mask, cache, use_reentrant=False)
             else:
-                x, logits_BTE = layer(x, cos_sin, mask, layer_kv)
+                x, logits_BTE = layer(x, cos_sin, mask, cache)
             router_logits.append(logits_BTE)
         if keep_logits is not None:
             x = x[:, -keep_logits:]

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from mixtral.cli.common import load_for_inference
+from mixtral.cli.info import cmd_info
+
 # One prompt per domain of the bundled corpus.
 DOMAIN_PROMPTS = {
     "code": "class Parser(object):\n    def __init__(self, text):\n        self.",
@@ -25,14 +28,14 @@ DOMAIN_PROMPTS = {
 
 def shipped_model() -> Path:
     """The committed mini model (models/mini in a source checkout)."""
-    return Path(__file__).resolve().parent.parent / "models" / "mini"
+    return Path(__file__).resolve().parents[2] / "models" / "mini"
 
 
 def _random_fallback(out: Path) -> Path:
-    from .checkpoint import save_model
-    from .config import get_preset
-    from .model import Transformer
-    from .tokenizer import load_tokenizer
+    from mixtral.checkpoint import save_model
+    from mixtral.config import get_preset
+    from mixtral.model import Transformer
+    from mixtral.text import load_tokenizer
 
     print(
         f"note: no shipped model at {shipped_model()}; building a random 'tiny' model instead",
@@ -49,13 +52,12 @@ def _random_fallback(out: Path) -> Path:
 
 
 def cmd_demo(model_path: str | None, train: bool, out: str, max_new_tokens: int) -> None:
-    from .cli import _load, cmd_info
-    from .generate import generate
+    from mixtral.inference import generate
 
     out_dir = Path(out)
     if train:
-        from .train.recipes import get_recipe
-        from .train.run import run_recipe
+        from mixtral.train.recipes import get_recipe
+        from mixtral.train.run import run_recipe
 
         print(f"== training the 'demo' recipe from scratch into {out_dir}/ ==")
         t0 = time.perf_counter()
@@ -68,8 +70,8 @@ def cmd_demo(model_path: str | None, train: bool, out: str, max_new_tokens: int)
         path = shipped_model() if (shipped_model() / "config.json").exists() else _random_fallback(out_dir)
     print(f"== model: {path} ==")
     cmd_info(str(path))
-    model, tok = _load(str(path), "fp32")
-    from . import kernels
+    model, tok = load_for_inference(str(path))
+    from mixtral import kernels
 
     t0 = time.perf_counter()
     if kernels.available() and time.perf_counter() - t0 > 1:  # built now: the first run on this machine
@@ -89,9 +91,10 @@ def cmd_demo(model_path: str | None, train: bool, out: str, max_new_tokens: int)
 
 def _routing(model, tok, out: Path, tokens_per_domain: int = 4096) -> None:
     """A quick routing analysis (paper Section 5) over the bundled held-out text; `mixtral routing` does more."""
-    from .analysis.routing import analyze_routing
-    from .analysis.routing_report import write_report
-    from .cli_routing import load_domains, print_summary
+    from mixtral.analysis.routing import analyze_routing
+    from mixtral.analysis.routing_report import write_report
+    from mixtral.analysis.summary import print_summary
+    from mixtral.data.domains import load_domains
 
     print(f"== routing analysis: {tokens_per_domain} held-out tokens per domain (paper Section 5) ==")
     domains, _ = load_domains(tok, {})

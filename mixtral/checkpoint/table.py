@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .config import MixtralConfig
+from mixtral.config import MixtralConfig
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 def cmd_train(recipe_name: str, overrides: list[str], out: str | None, resume: bool, list_only: bool) -> None:
-    from .train.recipes import RECIPES, apply_overrides, get_recipe
-    from .train.run import run_recipe
+    from mixtral.train.recipes import RECIPES, apply_overrides, get_recipe
+    from mixtral.train.run import run_recipe
 
     if list_only:
         for name, r in RECIPES.items():
@@ -27,7 +27,7 @@ def cmd_train(recipe_name: str, overrides: list[str], out: str | None, resume: b
 
 
 def cmd_tokenizer_train(out: str, vocab_size: int, inputs: list[str], max_chars: int, seed: int) -> None:
-    from .data.tokenizer_train import train_tokenizer
+    from mixtral.data.tokenizer_train import train_tokenizer
 
     tok = train_tokenizer([Path(p) for p in inputs] or None, vocab_size, out, max_chars=max_chars, seed=seed)
     print(f"trained a {tok.vocab_size}-piece SentencePiece BPE tokenizer (byte fallback) into {out}/")

@@ -7,23 +7,20 @@ and the `gguf` package's constants. What it writes, and why:
   `ffn_gate_inp` [E, D]; attention, norms, `token_embd`, `output_norm`, `output`.
 - q/k rows: llama.cpp's "llama" arch applies RoPE in NORM mode, which rotates interleaved pairs
   (2k, 2k+1), the Meta/Mistral layout. Our rows use HF's rotate-half layout, so wq/wk rows are
-  permuted with `checkpoint_table.to_interleaved` (the same permutation as convert_hf_to_gguf's
+  permuted with `mixtral.checkpoint.table.to_interleaved` (the same permutation as convert_hf_to_gguf's
   `LlamaModel.permute`); every other tensor is copied as is.
 - Types: norms (1-D) and the router always F32, everything else `outtype`. A Q8_0 row must be a
   multiple of 32 values; a tensor whose rows are not falls back to F16, as convert_hf_to_gguf does.
 - Metadata: the keys convert_hf_to_gguf writes for Mixtral, plus the SentencePiece vocabulary
   (tokenizer model "llama": pieces, scores, token types including byte tokens, BOS/EOS/UNK,
   add_bos_token true).
-The source is read one parameter at a time (experts gathered into their stack) through the
-checkpoint loader's validated path, and the file is written under a temp name, renamed when done.
+The source is read one parameter at a time (experts gathered into their stack) through
+`CheckpointReader`, validated as for loading, and the file is written atomically (`mixtral.atomic`).
 """
 
 from __future__ import annotations
 
 import os
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +33,12 @@ try:
 except ModuleNotFoundError as e:  # an optional extra
     raise ModuleNotFoundError("GGUF export needs the gguf package: pip install 'mixtral[gguf]'") from e
 
-from .checkpoint import _check_finite, _open, _read_piece, read_config  # the loader's validated path
-from .checkpoint_table import Slot, our_shapes, plan, to_interleaved
-from .config import MixtralConfig
-from .errors import ConfigError, TokenizerError
-from .safetensors_io import ShardSet
-from .tokenizer import load_tokenizer
+from mixtral.atomic import atomic_file
+from mixtral.checkpoint.reader import CheckpointReader, read_config
+from mixtral.checkpoint.table import our_shapes, to_interleaved
+from mixtral.config import MixtralConfig
+from mixtral.errors import ConfigError, TokenizerError
+from mixtral.text.tokenizer import load_tokenizer
 
 QT = gguf.GGMLQuantizationType
 T = gguf.MODEL_TENSOR
@@ -56,7 +53,7 @@ ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]  # "llama"
 LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS = 512, 1024
 
 # Our parameter names -> GGUF tensors (our_shapes order is file order).
-_NAMES: dict[str, T] = {
+GGUF_NAMES: dict[str, T] = {
     "tok_embeddings.weight": T.TOKEN_EMBD,
     "layers.{i}.attention_norm.weight": T.ATTN_NORM,
     "layers.{i}.attention.wq.weight": T.ATTN_Q,
@@ -97,7 +94,7 @@ def gguf_tensor_specs(cfg: MixtralConfig, outtype: str = "f32") -> list[TensorSp
     specs = []
     for ours, shape in our_shapes(cfg).items():
         layer = ours.split(".")[1] if ours.startswith("layers.") else None
-        kind = _NAMES[ours.replace(f"layers.{layer}.", "layers.{i}.") if layer else ours]
+        kind = GGUF_NAMES[ours.replace(f"layers.{layer}.", "layers.{i}.") if layer else ours]
         name = gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight"
         if len(shape) == 1 or kind in _ALWAYS_F32:
             t = QT.F32
@@ -135,16 +132,12 @@ def export_gguf(
         raise IsADirectoryError(f"{dst} is a directory; pass the path of the .gguf file to write")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass overwrite=True to replace it")
-    cfg, fmt = read_config(src)
+    cfg, _ = read_config(src)
     check_representable(cfg)
     vocab = _vocab(tokenizer if tokenizer is not None else src, cfg.vocab_size)
     specs = gguf_tensor_specs(cfg, outtype)
-    cfg, fmt, shards = _open(src)  # every header check the loader runs, before writing anything
-    slots: dict[str, list[Slot]] = {}
-    for slot in plan(cfg, fmt):
-        slots.setdefault(slot.ours, []).append(slot)
-
-    with shards, _atomic_file(dst) as tmp:
+    # Every header check the loader runs, before writing anything.
+    with CheckpointReader(src) as reader, atomic_file(dst) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             _add_hparams(writer, cfg, ftype, name=src.resolve().name)
@@ -155,7 +148,7 @@ def export_gguf(
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for spec in specs:
-                w = _read_param(shards, slots[spec.ours], spec.shape)
+                w = reader.read(spec.ours, dtype=torch.float32)
                 if spec.rope_heads:
                     w = to_interleaved(w, spec.rope_heads)
                 writer.write_tensor_data(_encode(w.numpy(), spec))
@@ -274,32 +267,9 @@ def _token_type(sp: sentencepiece.SentencePieceProcessor, i: int) -> int:
     return gguf.TokenType.NORMAL
 
 
-def _read_param(shards: ShardSet, slots: list[Slot], shape: tuple[int, ...]) -> torch.Tensor:
-    """One of our parameters in fp32, experts gathered from their per-expert file tensors."""
-    out = torch.empty(shape, dtype=torch.float32)
-    for slot in slots:
-        piece = _read_piece(shards, slot)
-        _check_finite(piece, slot, shards)
-        (out if slot.expert is None else out[slot.expert]).copy_(piece)
-    return out
-
-
 def _encode(w: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """The tensor's bytes in its stored type (Q8_0: gguf's port of ggml's reference quantizer)."""
     data = gguf.quants.quantize(w, spec.qtype)
     if spec.qtype == QT.F16 and not np.isfinite(data).all():
         raise ValueError(f"{spec.ours} overflows float16 (|w| max {np.abs(w).max():.3g}); export f32 or q8_0")
     return data
-
-
-@contextmanager
-def _atomic_file(dst: Path) -> Iterator[Path]:
-    """A temp path next to `dst`, renamed to `dst` only when the block completes."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

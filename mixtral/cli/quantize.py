@@ -9,12 +9,14 @@ import math
 
 import torch
 
+from mixtral.cli.common import load_for_inference
+
 
 def _held_out_ppl(model, tok, max_tokens: int) -> float | None:
     """Perplexity on the bundled corpus' validation split (all domains, up to max_tokens per domain)."""
-    from .data.corpus import load_corpus
-    from .data.packing import tokenize_documents
-    from .train.pretrain import evaluate_lm
+    from mixtral.data.corpus import load_corpus
+    from mixtral.data.packing import tokenize_documents
+    from mixtral.eval.lm import evaluate_lm
 
     valid = {d: tokenize_documents(s.valid, tok) for d, s in load_corpus().items()}
     seq = min(256, model.config.max_seq_len)
@@ -24,7 +26,7 @@ def _held_out_ppl(model, tok, max_tokens: int) -> float | None:
 
 
 def _decode_speed(model, tok, new_tokens: int) -> float:
-    from .generate import GenerationStats, generate_ids
+    from mixtral.inference import GenerationStats, generate_ids
 
     stats = GenerationStats()
     prompt = tok.encode("The history of the region begins with", bos=True)
@@ -34,10 +36,9 @@ def _decode_speed(model, tok, new_tokens: int) -> float:
 
 
 def cmd_quantize(path: str, storage: str, targets: str, ppl_tokens: int, new_tokens: int) -> None:
-    from .cli import _load
-    from .quantize import quantize_model
+    from mixtral.quant import quantize_model
 
-    model, tok = _load(path, "fp32")
+    model, tok = load_for_inference(path)
     q = quantize_model(copy.deepcopy(model), storage, tuple(t for t in targets.split(",") if t))
     probe = torch.tensor(
         [tok.encode("def main():\n    print('hello, world')\nLa ville de Paris est", bos=True)]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import GenerationError
+from mixtral.errors import GenerationError
 
 
 @dataclass(frozen=True)

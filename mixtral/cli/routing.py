@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
+
+from mixtral.atomic import atomic_file
 
 DTYPES = ("fp32", "bf16")
 
@@ -25,33 +26,16 @@ def _parse_data(items: list[str]) -> dict[str, str]:
     return out
 
 
-def load_domains(tok, data: dict[str, str], text_field: str = "text"):
-    """Tokenized documents per domain: the given files, or the bundled corpus' validation splits."""
-    from .data.corpus import load_corpus, read_documents
-    from .data.packing import tokenize_documents
-    from .errors import DataError
-
-    if not data:
-        return {d: tokenize_documents(s.valid, tok) for d, s in load_corpus().items()}, {
-            "bundled corpus": "valid"
-        }
-    out = {}
-    for domain, path in data.items():
-        docs = [d for d in read_documents(path, text_field) if d.text.strip()]
-        if not docs:
-            raise DataError(f"--data {domain}={path}: no non-empty documents")
-        out[domain] = tokenize_documents(docs, tok)
-    return out, data
-
-
 def cmd_routing(a: argparse.Namespace) -> None:
     import torch
 
-    from .analysis.layerwise import LayerwiseModel
-    from .analysis.routing import analyze_routing, parse_layers
-    from .analysis.routing_report import write_report
-    from .checkpoint import load_model, read_config
-    from .tokenizer import load_tokenizer
+    from mixtral.analysis.layerwise import LayerwiseModel
+    from mixtral.analysis.routing import analyze_routing, parse_layers
+    from mixtral.analysis.routing_report import write_report
+    from mixtral.analysis.summary import print_summary
+    from mixtral.checkpoint import load_model, read_config
+    from mixtral.data.domains import load_domains
+    from mixtral.text import load_tokenizer
 
     cfg = read_config(a.model)[0]
     parse_layers(a.layers, cfg.n_layers)  # fail on a bad --layers before loading anything
@@ -68,39 +52,10 @@ def cmd_routing(a: argparse.Namespace) -> None:
     report["source"] = {"model_path": str(a.model), "data": source, "dtype": a.dtype}
     html = write_report(report, a.out)
     if a.keep_traces:
-        tmp = Path(a.out) / "traces.tmp.npz"
-        np.savez_compressed(tmp, **analysis.traces)
-        os.replace(tmp, Path(a.out) / "traces.npz")
+        with atomic_file(Path(a.out) / "traces.npz") as tmp:
+            np.savez_compressed(tmp, **analysis.traces)
     print_summary(report)
     print(f"report: {html}")
-
-
-def print_summary(r: dict) -> None:
-    base, sp = r["baselines"], r["specialisation"]
-    tokens = np.array([r["tokens"][d] for d in r["domains"]], dtype=float)
-    w = tokens / tokens.sum()
-    k = r["top_k"]
-    print(f"{int(tokens.sum()):,} tokens over {len(r['domains'])} domains; E={r['n_experts']}, top-{k}")
-    print(f"{'layer':>5} {'JS bits':>8} {'null p95':>9} {'same 1st':>9} {'(random)':>9} {'top-k ovl':>9} "
-          f"{'(random)':>9} {'LRU hit c=' + str(k):>12} {'(random)':>9} {'token/domain':>13}")  # fmt: skip
-    for layer in r["layers"]:
-        same = sum(
-            wi * r["repetition"][d]["same_first"][layer] for wi, d in zip(w, r["domains"], strict=True)
-        )
-        ovl = sum(
-            wi * r["repetition"][d]["topk_overlap"][layer] for wi, d in zip(w, r["domains"], strict=True)
-        )
-        hit = sum(wi * r["cache"]["routed"][d][layer][k - 1] for wi, d in zip(w, r["domains"], strict=True))
-        rnd = sum(wi * r["cache"]["random"][d][layer][k - 1] for wi, d in zip(w, r["domains"], strict=True))
-        tvd = r.get("token_vs_domain")
-        identity = f"{tvd['token_modal'][layer]:.0%}/{tvd['domain_modal'][layer]:.0%}" if tvd else "n/a"
-        print(f"{layer:>5} {sp['js_bits'][layer]:>8.4f} {sp['null_p95'][layer]:>9.4f} {same:>9.1%} "
-              f"{base['same_first']:>9.1%} {ovl:>9.1%} {base['topk_overlap']:>9.1%} {hit:>12.1%} {rnd:>9.1%} "
-              f"{identity:>13}")  # fmt: skip
-    print(
-        "token/domain: share of tokens whose first choice is the one their token id usually gets / "
-        "the one their domain usually gets"
-    )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

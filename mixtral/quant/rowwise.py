@@ -1,7 +1,7 @@
 """Weight-only compression of a built model: int8 with per-output-row scales, or bf16 storage.
 
 Applied from outside the model (gpt-fast style): `quantize_model(model, "int8")` swaps each
-`Experts` for `CompressedExperts` and, if asked, each attention/output `Linear` for
+`Experts` for `CompressedExperts` and, if asked, each attention/output `nn.Linear` for
 `CompressedLinear`. Decode streams the compressed weights through the CPU kernel (4× fewer bytes
 for int8, 2× for bf16; activations fp32 inside the kernel); prefill and any path without the kernel
 dequantise one matrix at a time to the model's compute dtype (that of the weights replaced) and use
@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .linear import Linear, kernel_input, max_kernel_rows, use_kernel
-from .moe import Experts
+from mixtral.kernels import ops, policy
+from mixtral.kernels.linear import kernel_linear
+from mixtral.model.dispatch import swiglu_groups
+from mixtral.model.moe import Experts
 
 STORAGE = ("int8", "bf16")
-INT8_KERNEL_MAX_ROWS = 128  # decode batches up to this use the kernel for int8 matrices; prefill dequantises
 TARGETS = ("experts", "attention", "output")
 
 
@@ -41,12 +41,14 @@ def compress(w: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor 
     return q.contiguous(), scale.contiguous()
 
 
-def decompress(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def decompress(
+    q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The weight a stored (q, scale) pair represents, in `dtype` (scaled in fp32, then cast)."""
     if scale is None:
         return q.to(dtype)
-    if q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.available():
-        return kernels.dequantize(q, scale, dtype)  # one pass, the same rounding (tested)
+    if q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and ops.available():
+        return ops.dequantize(q, scale, dtype)  # one pass, the same rounding (tested)
     return (q.float() * scale.unsqueeze(-1)).to(dtype)
 
 
@@ -69,7 +71,7 @@ class _Dequantised:
 
 
 class CompressedExperts(nn.Module):
-    """Experts with int8 or bf16 weights; same `weights()` / `kernel_weights()` interface as Experts."""
+    """Experts with int8 or bf16 weights; the same `ExpertWeights` interface as `Experts`."""
 
     def __init__(self, experts: Experts, storage: str) -> None:
         super().__init__()
@@ -87,7 +89,10 @@ class CompressedExperts(nn.Module):
     def weights(self) -> _Dequantised:
         return _Dequantised(self)
 
-    def kernel_weights(self) -> tuple[torch.Tensor | None, ...]:
+    def grouped(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return swiglu_groups(x_SD, counts, self.weights())  # dequantises one expert at a time
+
+    def stacked(self) -> tuple[torch.Tensor | None, ...]:
         return self.w1, self.w3, self.w2, self.s1, self.s3, self.s2
 
 
@@ -102,12 +107,9 @@ class CompressedLinear(nn.Module):
         self.register_buffer("scale", s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # int8: dequantising a matrix costs more than several kernel passes over it (the 32000x1024
-        # head: 135 ms dequantised + bf16 matmul, 14.5 ms in the kernel at 32 rows, 54 at 128).
-        rows = INT8_KERNEL_MAX_ROWS if self.scale is not None else max_kernel_rows(x, self.weight)
-        if use_kernel(x, max_rows=rows):
-            y = kernels.linear(kernel_input(x, self.weight), self.weight, self.scale)
-            return y.to(x.dtype).view(*x.shape[:-1], -1)
+        # Decode reads the stored weight in the kernel (int8 up to more rows: see policy).
+        if policy.linear_uses_kernel(x, self.weight, self.scale):
+            return kernel_linear(x, self.weight, self.scale)
         return F.linear(x, decompress(self.weight, self.scale, x.dtype))
 
 
@@ -128,8 +130,8 @@ def quantize_model(
             layer.feed_forward.experts = CompressedExperts(layer.feed_forward.experts, storage)
         if "attention" in targets:
             for name in ("wq", "wk", "wv", "wo"):
-                if isinstance(getattr(layer.attention, name), Linear):
+                if isinstance(getattr(layer.attention, name), nn.Linear):
                     setattr(layer.attention, name, CompressedLinear(getattr(layer.attention, name), storage))
-    if "output" in targets and isinstance(model.output, Linear):
+    if "output" in targets and isinstance(model.output, nn.Linear):
         model.output = CompressedLinear(model.output, storage)
     return model

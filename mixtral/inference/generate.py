@@ -2,22 +2,76 @@
 
 Shaped after gpt-fast's generate.py: `prefill`, `decode_one_token` and `sample` are small functions;
 the KV cache is allocated once per request and passed explicitly. Ragged batches are left-padded,
-padding marked with position -1 (see model.py).
+padding marked with position -1 (see mixtral.model.transformer). What a request asks for (length,
+sampling, stop strings, prefill chunk, compiled decode) is one `GenerationConfig`, which
+`generate`, `stream`, `generate_ids` and the CLI all take.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .errors import GenerationError
-from .model import KVCache, Transformer
-from .sampling import SamplingParams, sample
-from .tokenizer import StreamDecoder, Tokenizer
+from mixtral.errors import GenerationError
+from mixtral.inference.sampling import SamplingParams, sample
+from mixtral.model.cache import KVCache
+from mixtral.model.transformer import Transformer
+from mixtral.text.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What one generation request asks for; validated on construction (GenerationError names the field).
+
+    temperature 0 is greedy; top_k None/0 and top_p 1.0 disable those filters; `seed` makes
+    sampling reproducible. `stop` strings end a row and are never part of its text (applied by
+    `generate` and `stream`, which see text; `generate_ids` sees only token ids). `chunk_size`
+    bounds the prefill chunk; `compile` runs the decode step under torch.compile.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    chunk_size: int = 512
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GenerationError(f"{name} must be a positive integer, got {value!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not all(isinstance(s, str) for s in stop):
+            raise GenerationError(f"stop must be strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        self.sampling  # noqa: B018 (validates temperature, top_k, top_p, seed)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        """A copy with some fields changed; an unknown field is a TypeError naming it."""
+        known = {f.name for f in dataclasses.fields(self)}
+        if unknown := sorted(set(changes) - known):
+            raise TypeError(
+                f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return dataclasses.replace(self, **changes)
+
+
+def _config(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
+    config = config if config is not None else GenerationConfig()
+    return config.replace(**options) if options else config
 
 
 @dataclass
@@ -113,8 +167,6 @@ def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
     """Clear errors for requests the model cannot serve, before any compute."""
     if not prompts:
         raise GenerationError("no prompts given")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     context = model.config.max_seq_len
     for i, p in enumerate(prompts):
         if len(p) == 0:
@@ -129,22 +181,24 @@ def check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
 def generate_ids(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
-    params: SamplingParams | None = None,
-    max_new_tokens: int = 128,
+    config: GenerationConfig | None = None,
+    *,
     eos_id: int | None = None,
-    chunk_size: int = 512,
     stats: GenerationStats | None = None,
     should_stop: Callable[[int, int], bool] | None = None,
-    compile: bool = False,
+    **options: Any,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of every row (None for rows already finished).
 
-    A row finishes on `eos_id` (yielded, then None), after `max_new_tokens`, or when
-    `should_stop(row, token)` says so (the caller's stop strings). `stats` is filled in place.
-    `compile` captures the decode step with torch.compile (see `make_decode_step`).
+    `options` override fields of `config` (e.g. max_new_tokens=8). A row finishes on `eos_id`
+    (yielded, then None), after `max_new_tokens`, or when `should_stop(row, token)` says so (the
+    caller's stop strings: `config.stop` is text and is applied by `generate`/`stream`). `stats` is
+    filled in place.
     """
+    config = _config(config, options)
+    max_new_tokens, compile = config.max_new_tokens, config.compile
     check_request(model, prompts, max_new_tokens)
-    params = params if params is not None else SamplingParams()
+    params = config.sampling
     stats = stats if stats is not None else GenerationStats()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -156,7 +210,7 @@ def generate_ids(
     stats.prompt_tokens += sum(len(p) for p in prompts)
 
     t0 = time.perf_counter()
-    next_B = sample(prefill(model, tokens, positions, cache, chunk_size), params, generator)
+    next_B = sample(prefill(model, tokens, positions, cache, config.chunk_size), params, generator)
     stats.prefill_seconds += time.perf_counter() - t0
     position_B = positions[:, -1] + 1
     done = [False] * B
@@ -190,8 +244,9 @@ class Generation:
 class _TextRow:
     """Incremental text of one row: decodes tokens, finds stop strings, holds back a possible stop prefix."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
-        self.decoder = StreamDecoder(tokenizer)
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], context: Sequence[int] = ()) -> None:
+        # The prompt as context: text continues the prompt and keeps a leading space.
+        self.decoder = StreamDecoder(tokenizer, context=context)
         self.stop = [s for s in stop if s]
         self.text = ""
         self.emitted = 0
@@ -236,55 +291,46 @@ def _text_events(
     model: Transformer,
     tokenizer: Tokenizer,
     prompts: Sequence[str | Sequence[int]],
-    rows: list[_TextRow],
-    params: SamplingParams,
-    max_new_tokens: int,
-    chunk_size: int,
+    config: GenerationConfig,
     stats: GenerationStats,
-    compile: bool = False,
-) -> Iterator[list[str]]:
-    """Drive `generate_ids`, yielding each row's newly showable text after every step."""
+) -> tuple[list[_TextRow], Iterator[list[str]]]:
+    """The text rows of a request and an iterator driving `generate_ids` that yields each row's newly
+    showable text after every step."""
+    ids = _encode_prompts(tokenizer, prompts)
+    rows = [_TextRow(tokenizer, config.stop, context=prompt_ids) for prompt_ids in ids]
     finished = [False] * len(rows)
 
     def should_stop(b: int, token: int) -> bool:
         finished[b] = rows[b].push(token, tokenizer.eos_id)
         return finished[b]
 
-    ids = _encode_prompts(tokenizer, prompts)
-    for row, prompt_ids in zip(rows, ids, strict=True):  # text continues the prompt: keeps a leading space
-        row.decoder = StreamDecoder(tokenizer, context=prompt_ids)
-    # EOS is handled by the rows, so that it ends up in `ids` but never in the text.
-    steps = generate_ids(model, ids, params, max_new_tokens, None, chunk_size, stats, should_stop, compile)
-    for step, _ in enumerate(steps):
-        last = step == max_new_tokens - 1
-        yield [r.take(final=finished[b] or last) for b, r in enumerate(rows)]
+    def events() -> Iterator[list[str]]:
+        # EOS is handled by the rows, so that it ends up in `ids` but never in the text.
+        steps = generate_ids(model, ids, config, stats=stats, should_stop=should_stop)
+        for step, _ in enumerate(steps):
+            last = step == config.max_new_tokens - 1
+            yield [r.take(final=finished[b] or last) for b, r in enumerate(rows)]
+
+    return rows, events()
 
 
 def generate(
     model: Transformer,
     tokenizer: Tokenizer,
     prompts: str | Sequence[str | Sequence[int]],
-    *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-    chunk_size: int = 512,
-    compile: bool = False,
+    config: GenerationConfig | None = None,
+    **options: Any,
 ) -> Generation | list[Generation]:
     """Generate for one prompt (str → Generation) or a batch (list → list[Generation]).
 
     A prompt is text (encoded with BOS) or a list of token ids (used as is, e.g. from encode_chat).
-    `compile` runs the decode step under torch.compile (see `make_decode_step`).
+    `options` override fields of `config` (`generate(model, tok, "Hi", max_new_tokens=8, seed=0)`).
     """
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
-    params = SamplingParams(temperature, top_k, top_p, seed)
     stats = GenerationStats()
-    rows = [_TextRow(tokenizer, stop) for _ in batch]
-    for _ in _text_events(model, tokenizer, batch, rows, params, max_new_tokens, chunk_size, stats, compile):
+    rows, events = _text_events(model, tokenizer, batch, _config(config, options), stats)
+    for _ in events:
         pass  # each row keeps its full text (stop string excluded); the pieces are for streaming
     results = [Generation(r.text, r.ids, r.finish_reason, stats) for r in rows]
     return results[0] if single else results
@@ -294,24 +340,15 @@ def stream(
     model: Transformer,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
+    config: GenerationConfig | None = None,
     *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-    chunk_size: int = 512,
     stats: GenerationStats | None = None,
-    compile: bool = False,
+    **options: Any,
 ) -> Iterator[str]:
     """Yield the generated text of one prompt piece by piece as it is produced (never a partial
     UTF-8 character, never text past or inside a stop string). `stats` is filled if given."""
-    params = SamplingParams(temperature, top_k, top_p, seed)
     stats = stats if stats is not None else GenerationStats()
-    rows = [_TextRow(tokenizer, stop)]
-    for pieces in _text_events(
-        model, tokenizer, [prompt], rows, params, max_new_tokens, chunk_size, stats, compile
-    ):
+    _, events = _text_events(model, tokenizer, [prompt], _config(config, options), stats)
+    for pieces in events:
         if pieces[0]:
             yield pieces[0]

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .config import MixtralConfig
-from .errors import ConfigError
+from mixtral.config import MixtralConfig
+from mixtral.errors import ConfigError
 
 # Our field -> (config.json key, params.json key); dots reach into nested objects.
 FIELDS: dict[str, tuple[str, str]] = {

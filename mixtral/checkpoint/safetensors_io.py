@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .errors import CorruptFileError, FormatError
+from mixtral.errors import CorruptFileError, FormatError
 
 # Byte size of every dtype safetensors knows, so offsets of any tensor can be checked.
 _ITEMSIZE = {
@@ -34,6 +34,14 @@ _ITEMSIZE = {
 TORCH_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ST_DTYPES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    """ValueError unless `dtype` is one weights may have (fp32, bf16, fp16)."""
+    if dtype not in ST_DTYPES:
+        raise ValueError(
+            f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16"
+        )
 
 
 @dataclass(frozen=True)

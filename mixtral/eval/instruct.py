@@ -10,21 +10,19 @@ ignores a trailing `()`; the others compare the whole normalised line.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from mixtral.chat import encode_chat
+from mixtral.data.corpus import iter_jsonl
 from mixtral.errors import DataError
-from mixtral.generate import generate_ids
+from mixtral.eval.mode import eval_mode
+from mixtral.inference import GenerationConfig, generate_ids
 from mixtral.model import Transformer
-from mixtral.sampling import SamplingParams
-from mixtral.tokenizer import Tokenizer
+from mixtral.text import Tokenizer, encode_chat
 
 _EOS_TEXT = ("</s>", "<|endoftext|>", "<eos>")
 _TRAILING = ".,;:!?"
@@ -55,26 +53,13 @@ def answer_matches(task: str, predicted: str, answer: str) -> bool:
 
 def load_eval(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The eval items of a JSONL file: each `{"messages": [user message], "answer": str, "task": str}`."""
-    path = Path(path)
     items = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from e
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: malformed JSON: {e.msg}") from e
-        if not isinstance(item, dict) or not {"messages", "answer", "task"} <= set(item):
-            raise DataError(f"{path}:{line_no}: expected an object with messages, answer and task")
+    for where, item in iter_jsonl(path):
+        if not {"messages", "answer", "task"} <= set(item):
+            raise DataError(f"{where}: expected an object with messages, answer and task")
         if not isinstance(item["answer"], str) or not isinstance(item["messages"], list):
-            raise DataError(f"{path}:{line_no}: answer must be a string and messages a list")
+            raise DataError(f"{where}: answer must be a string and messages a list")
         items.append(item)
-    if not items:
-        raise DataError(f"{path}: no eval items")
     return items
 
 
@@ -99,14 +84,8 @@ def greedy_answers(
     prompts = [encode_chat(tok, messages) for messages in conversations]
     rows: list[list[int]] = [[] for _ in prompts]
     newline = newline_ids(tok) if newline is None else newline
-    steps = generate_ids(
-        model,
-        prompts,
-        SamplingParams(temperature=0.0),
-        max_new_tokens=max_new_tokens,
-        eos_id=tok.eos_id,
-        should_stop=lambda b, t: t in newline,
-    )
+    config = GenerationConfig(max_new_tokens=max_new_tokens)  # greedy
+    steps = generate_ids(model, prompts, config, eos_id=tok.eos_id, should_stop=lambda b, t: t in newline)
     for step in steps:
         for b, t in enumerate(step):
             if t is not None and t != tok.eos_id and t < tok.vocab_size:
@@ -127,8 +106,6 @@ def evaluate_accuracy(
     Returns `{"accuracy", "per_task": {task: accuracy}, "per_task_n": {task: n}, "n", "examples":
     [{"question", "expected", "predicted", "correct"}] (the first few items)}`.
     """
-    was_training = model.training
-    model.eval()
     # Similar prompt lengths batch together (less left padding); results go back in item order.
     order = sorted(range(len(items)), key=lambda i: len(items[i]["messages"][-1]["content"]))
     predicted: list[str] = [""] * len(items)
@@ -138,15 +115,13 @@ def evaluate_accuracy(
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="instruct eval", unit="batch")
-    try:
+    with eval_mode(model):
         for batch in batches:
             answers = greedy_answers(
                 model, tok, [items[i]["messages"] for i in batch], max_new_tokens, newline
             )
             for i, answer in zip(batch, answers, strict=True):
                 predicted[i] = answer
-    finally:
-        model.train(was_training)
     correct = [answer_matches(it["task"], p, it["answer"]) for it, p in zip(items, predicted, strict=True)]
     per_task: dict[str, list[bool]] = {}
     for it, ok in zip(items, correct, strict=True):

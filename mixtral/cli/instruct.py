@@ -8,7 +8,7 @@ import json
 
 
 def _train_config(base, overrides: list[str]):
-    from .train.recipes import set_fields
+    from mixtral.train.recipes import set_fields
 
     items = []
     for item in overrides:
@@ -21,7 +21,7 @@ def _train_config(base, overrides: list[str]):
 
 
 def cmd_sft(a: argparse.Namespace) -> None:
-    from .train.instruct_run import SFT_TRAIN, InstructConfig, run_sft
+    from mixtral.train.instruct_run import SFT_TRAIN, InstructConfig, run_sft
 
     cfg = _train_config(SFT_TRAIN, a.overrides)
     out = a.out
@@ -36,7 +36,7 @@ def cmd_sft(a: argparse.Namespace) -> None:
 
 
 def cmd_dpo(a: argparse.Namespace) -> None:
-    from .train.instruct_run import DPO_TRAIN, InstructConfig, run_dpo
+    from mixtral.train.instruct_run import DPO_TRAIN, InstructConfig, run_dpo
 
     cfg = _train_config(DPO_TRAIN, a.overrides)
     icfg = InstructConfig(
@@ -73,7 +73,7 @@ def _common(p: argparse.ArgumentParser, kind: str, default_cfg) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from .train.instruct_run import DPO_TRAIN, SFT_TRAIN
+    from mixtral.train.instruct_run import DPO_TRAIN, SFT_TRAIN
 
     p = sub.add_parser(
         "sft",

@@ -1,0 +1,31 @@
+"""Applies the CPU fast paths to a built model from outside, as gpt-fast applies quantization."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mixtral.kernels.dispatch import AutoDispatch
+from mixtral.kernels.linear import KernelLinear
+from mixtral.model.transformer import Transformer
+
+
+def apply_kernels(model: Transformer) -> Transformer:
+    """Route a built model's few-row inference through the CPU kernels, in place; returns the model.
+
+    The attention projections and the output head become `KernelLinear` (the same Parameters: state
+    dict, dtype moves and training are unchanged) and every MoE layer gets an `AutoDispatch` whose
+    fallback is the dispatcher it had. Matrices already replaced (quantized) keep their own paths.
+    Idempotent, and safe on any device or where the kernels cannot be built: each call decides at
+    run time (`mixtral.kernels.policy`) and falls back to torch. `load_model` calls it by default.
+    """
+    for layer in model.layers:
+        attention = layer.attention
+        for name in ("wq", "wk", "wv", "wo"):
+            if type(getattr(attention, name)) is nn.Linear:
+                setattr(attention, name, KernelLinear.wrap(getattr(attention, name)))
+        moe = layer.feed_forward
+        if not isinstance(moe.dispatcher, AutoDispatch):
+            moe.dispatcher = AutoDispatch(fallback=moe.dispatcher)
+    if type(model.output) is nn.Linear:
+        model.output = KernelLinear.wrap(model.output)
+    return model

@@ -46,6 +46,10 @@ _DERIVED = {"q_dim": ("n_heads", "head_dim"), "kv_dim": ("n_kv_heads", "head_dim
 _HF_DEFAULTS = {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096 * 32}
 _PARAMS_DEFAULTS = {"rope_theta": 1e6, "max_seq_len": 32768}
 DEFAULT_ROPE_THETA = 1e6
+# What every Mixtral config.json we write says besides the architecture: dense attention, untied
+# head, SwiGLU, the tokenizer's BOS/EOS, and no training-time noise.
+_HF_FIXED = {"hidden_act": "silu", "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 1,
+             "eos_token_id": 2, "attention_dropout": 0.0, "router_jitter_noise": 0.0}  # fmt: skip
 
 
 def field_name(fmt: str, field: str) -> str:
@@ -137,19 +141,10 @@ def config_to_hf(cfg: MixtralConfig, dtype: torch.dtype) -> dict[str, Any]:
         if "." not in key:
             d[key] = getattr(cfg, field)
     dtype_name = str(dtype).removeprefix("torch.")
-    d.update(
-        rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        rope_theta=cfg.rope_theta,  # for transformers 4.x, which does not read rope_parameters
-        hidden_act="silu",
-        sliding_window=None,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        attention_dropout=0.0,
-        router_jitter_noise=0.0,
-        dtype=dtype_name,
-        torch_dtype=dtype_name,  # transformers 4.x spelling of `dtype`
-    )
+    d.update(_HF_FIXED)
+    d["rope_parameters"] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    d["rope_theta"] = cfg.rope_theta  # for transformers 4.x, which does not read rope_parameters
+    d["dtype"] = d["torch_dtype"] = dtype_name  # torch_dtype: transformers 4.x's spelling
     return d
 
 

@@ -145,21 +145,17 @@ def save_weights(
 
 
 def save_model(
-    model: torch.nn.Module,
-    path: str | Path,
-    format: str = "hf",
-    dtype: torch.dtype | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    tokenizer_src: TokenizerSource = None,
-    overwrite: bool = False,
-    config: MixtralConfig | None = None,
+    model: torch.nn.Module, path: str | Path, *, config: MixtralConfig | None = None, **options
 ) -> None:
-    """Save our Transformer (its `config` attribute, unless `config` is given); see `save_weights`."""
+    """Save our Transformer (its `config` attribute, unless `config` is given) as a checkpoint directory.
+
+    `options` are those of `save_weights`: format ("hf" or "mistral"), dtype, max_shard_bytes,
+    tokenizer_src, overwrite.
+    """
     cfg = config or getattr(model, "config", None)
     if not isinstance(cfg, MixtralConfig):
         raise ValueError("model has no MixtralConfig `config` attribute; pass config=")
-    sd = model.state_dict()
-    save_weights(sd, cfg, path, format, dtype, max_shard_bytes, tokenizer_src, overwrite)
+    save_weights(model.state_dict(), cfg, path, **options)
 
 
 def convert(

@@ -21,6 +21,10 @@ def _train_config(base, overrides: list[str]):
 
 
 def cmd_sft(a: argparse.Namespace) -> None:
+    """Fine-tunes MODEL on JSONL records {"messages": [{"role", "content"}, ...]} rendered in the
+    Mixtral-Instruct format. Loss only on assistant tokens; the load-balancing and router z-losses
+    stay on. Over-long conversations are cut on the right to --max-len; those left with no assistant
+    token are dropped (counted in data.json)."""
     from mixtral.train.instruct_run import SFT_TRAIN, InstructConfig, run_sft
 
     cfg = _train_config(SFT_TRAIN, a.overrides)
@@ -36,6 +40,9 @@ def cmd_sft(a: argparse.Namespace) -> None:
 
 
 def cmd_dpo(a: argparse.Namespace) -> None:
+    """DPO (Rafailov et al. 2023) of MODEL on JSONL records {"prompt", "chosen", "rejected"} (strings
+    or message lists, as in trl). MODEL is also the frozen reference. Pairs whose prompt plus longer
+    response exceed --max-len are dropped (counted in data.json)."""
     from mixtral.train.instruct_run import DPO_TRAIN, InstructConfig, run_dpo
 
     cfg = _train_config(DPO_TRAIN, a.overrides)
@@ -75,23 +82,13 @@ def _common(p: argparse.ArgumentParser, kind: str, default_cfg) -> None:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     from mixtral.train.instruct_run import DPO_TRAIN, SFT_TRAIN
 
-    p = sub.add_parser(
-        "sft",
-        help="supervised fine-tuning on chat data (loss on assistant tokens only)",
-        description='Fine-tunes MODEL on JSONL records {"messages": [{"role", "content"}, ...]} rendered in '
-        "the Mixtral-Instruct format. Loss only on assistant tokens; the load-balancing and router "
-        "z-losses stay on. Over-long conversations are cut on the right to --max-len; those left "
-        "with no assistant token are dropped (counted in data.json).",
-    )
+    help_sft = "supervised fine-tuning on chat data (loss on assistant tokens only)"
+    p = sub.add_parser("sft", help=help_sft, description=cmd_sft.__doc__)
     _common(p, "sft", SFT_TRAIN)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser(
-        "dpo",
-        help="direct preference optimisation on chosen/rejected pairs",
-        description='DPO (Rafailov et al. 2023) of MODEL on JSONL records {"prompt", "chosen", "rejected"} '
-        "(strings or message lists, as in trl). MODEL is also the frozen reference. Pairs whose "
-        "prompt plus longer response exceed --max-len are dropped (counted in data.json).",
+        "dpo", help="direct preference optimisation on chosen/rejected pairs", description=cmd_dpo.__doc__
     )
     _common(p, "pref", DPO_TRAIN)
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default 0.1)")

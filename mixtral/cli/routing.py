@@ -27,6 +27,11 @@ def _parse_data(items: list[str]) -> dict[str, str]:
 
 
 def cmd_routing(a: argparse.Namespace) -> None:
+    """Runs MODEL over domain-labelled text and writes report.html, report.json and PNGs to --out:
+    expert share per domain and layer with a Jensen-Shannon measure of specialisation (bootstrap
+    interval, permutation null), repeated consecutive assignments vs random baselines, tokens
+    coloured by expert, and an LRU expert-cache simulation. Every layer is measured; --layers picks
+    the ones the figures show."""
     import torch
 
     from mixtral.analysis.layerwise import LayerwiseModel
@@ -62,11 +67,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "routing",
         help="routing analysis (paper Section 5): expert share per domain, repetition, token colouring, cache",
-        description="Runs MODEL over domain-labelled text and writes report.html, report.json and PNGs to "
-        "--out: expert share per domain and layer with a Jensen-Shannon measure of specialisation "
-        "(bootstrap interval, permutation null), repeated consecutive assignments vs random "
-        "baselines, tokens coloured by expert, and an LRU expert-cache simulation. Every layer is "
-        "measured; --layers picks the ones the figures show.",
+        description=cmd_routing.__doc__,
     )
     p.add_argument("model", help="checkpoint directory (Hugging Face or Mistral format)")
     p.add_argument("--data", action="append", default=[], metavar="DOMAIN=PATH",

@@ -213,28 +213,24 @@ def _differentiate(rng: random.Random) -> tuple[str, str]:
     return template.format(p=fmt_poly(coeffs, v), v=v), fmt_poly(derivative, v)
 
 
+def _pair_question(rng: random.Random, g: tuple[int, int], k: tuple[int, int], templates: tuple[str, ...],
+                   answer) -> tuple[str, str]:  # fmt: skip
+    """A question on a, b = g·k1, g·k2 (a common factor g, so the answer is not always trivial)."""
+    common = rng.randint(*g)
+    a, b = common * rng.randint(*k), common * rng.randint(*k)
+    return rng.choice(templates).format(a=a, b=b), str(answer(a, b))
+
+
 def _gcd(rng: random.Random) -> tuple[str, str]:
-    g = rng.randint(2, 60)
-    a, b = g * rng.randint(1, 40), g * rng.randint(1, 40)
-    template = rng.choice(
-        [
-            "What is the greatest common divisor of {a} and {b}?",
-            "Calculate the highest common factor of {a} and {b}.",
-        ]
-    )
-    return template.format(a=a, b=b), str(math.gcd(a, b))
+    templates = ("What is the greatest common divisor of {a} and {b}?",
+                 "Calculate the highest common factor of {a} and {b}.")  # fmt: skip
+    return _pair_question(rng, (2, 60), (1, 40), templates, math.gcd)
 
 
 def _lcm(rng: random.Random) -> tuple[str, str]:
-    g = rng.randint(1, 20)
-    a, b = g * rng.randint(2, 30), g * rng.randint(2, 30)
-    template = rng.choice(
-        [
-            "What is the lowest common multiple of {a} and {b}?",
-            "Calculate the smallest common multiple of {a} and {b}.",
-        ]
-    )
-    return template.format(a=a, b=b), str(a * b // math.gcd(a, b))
+    templates = ("What is the lowest common multiple of {a} and {b}?",
+                 "Calculate the smallest common multiple of {a} and {b}.")  # fmt: skip
+    return _pair_question(rng, (1, 20), (2, 30), templates, lambda a, b: a * b // math.gcd(a, b))
 
 
 def _is_prime_module(rng: random.Random) -> tuple[str, str]:

@@ -61,139 +61,129 @@ class InstructConfig:
         dpo_loss(z, z, z, z, self.beta, self.label_smoothing)  # raises on a bad beta or label_smoothing
 
 
-@dataclass(frozen=True)
-class _Kind:
-    """What differs between SFT and DPO data: the bundled file stem, its reader and tokenizer."""
-
-    name: str  # "sft" or "dpo"
-    files: str  # data/instruct/{files}_train.jsonl, {files}_valid.jsonl
-    read: Callable[[Path], list]
-    tokenize: Callable[..., tuple[list, dict]]
-    records: str  # what a record is, for messages
-
-
-SFT = _Kind("sft", "sft", read_sft, tokenize_sft, "conversation")
-DPO = _Kind("dpo", "pref", read_preferences, tokenize_preferences, "preference pair")
-# (model, train examples, valid examples or None) -> (objective, train stream, evaluate)
-Setup = Callable[
-    [torch.nn.Module, list, list | None], tuple[Objective, Any, Callable[[torch.nn.Module], dict]]
-]
-
-
-def _run(
-    kind: _Kind,
-    model_path: str | Path,
-    out_dir: str | Path,
-    files: tuple[str | Path | None, str | Path | None],
-    cfg: TrainConfig,
-    icfg: InstructConfig,
-    setup: Setup,
-    run: tuple[bool, bool],
-) -> tuple[torch.nn.Module, object, Path, dict]:
-    """The skeleton both runs share: data, objective from `setup`, evaluation before and after, training.
-
-    Returns (model, tokenizer, out dir, partial report with steps, tokens_seen, data, before, after).
-    `run` is (resume, progress).
-    """
-    train_file, valid_file = files
-    if train_file is None:
-        train_file = DATA_DIR / f"{kind.files}_train.jsonl"
-        valid_file = valid_file or DATA_DIR / f"{kind.files}_valid.jsonl"
-    train_path, valid_path = Path(train_file), (Path(valid_file) if valid_file else None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    info = {"kind": kind.name, "base": str(model_path), "train_file": train_path, "valid_file": valid_path,
-            "train": dataclasses.asdict(cfg), "instruct": dataclasses.asdict(icfg)}  # fmt: skip
-    (out / "run.json").write_text(json.dumps(info, indent=2, default=str))
-    model, tok = load_model(model_path), load_tokenizer(model_path)
-    examples, counts = kind.tokenize(tok, kind.read(train_path), icfg.max_len)
-    if not examples:
-        raise DataError(f"{train_path}: no {kind.records} survives max_len={icfg.max_len}")
-    data_info, valid = {"train": counts}, None
-    if valid_path is not None:
-        valid, data_info["valid"] = kind.tokenize(tok, kind.read(valid_path), icfg.max_len)
-    (out / "data.json").write_text(json.dumps(data_info, indent=2))
-    objective, stream, evaluate = setup(model, examples, valid)
-    before = evaluate(model)
-    torch.manual_seed(cfg.seed)
-    state = train(model, objective, stream, cfg, out, evaluate, *run)
-    report = {"kind": kind.name, "steps": state.step, "tokens_seen": state.tokens_seen, "data": data_info,
-              "before": before, "after": evaluate(model)}  # fmt: skip
-    return model, tok, out, report
-
-
-def _finish(model, tok, out: Path, report: dict, title: str, eval_key: str, ylabel: str) -> dict:
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
-    dtype = torch.bfloat16 if model.config.total_params > 5e6 else None
-    save_model(model, out / "model", tokenizer_src=tok, dtype=dtype, overwrite=True)
-    plot_curve(out / "metrics.jsonl", out / "curve.png", title, eval_key, ylabel)
-    return report
-
-
 def sft_loss(model: torch.nn.Module, stream: SFTStream, batch_size: int = 8) -> float:
     """Mean cross-entropy over the assistant tokens of every example, once."""
     total, n = masked_loss(model, stream.iter_batches(batch_size))
     return total / max(n, 1)
 
 
-def run_sft(
+Evaluate = Callable[[torch.nn.Module], dict]
+
+
+def _sft_setup(model, examples: list, valid: list | None, cfg: TrainConfig, icfg: InstructConfig):
+    valid_stream = SFTStream(valid, shuffle=False) if valid is not None else None
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        return {"sft_loss": sft_loss(m, valid_stream, icfg.eval_batch_size)} if valid_stream else {}
+
+    return sft_objective, SFTStream(examples, seed=cfg.seed), evaluate
+
+
+def _dpo_setup(model, examples: list, valid: list | None, cfg: TrainConfig, icfg: InstructConfig):
+    stream = PreferenceStream(examples, seed=cfg.seed)
+    # The reference is the model as loaded, before train() restores any checkpoint of this run.
+    frozen = copy.deepcopy(model) if icfg.reference == "copy" else None
+
+    def objective_for(data: PreferenceStream) -> DPOObjective:
+        ref = frozen if frozen is not None else reference_logprobs(model, data, icfg.eval_batch_size)
+        return DPOObjective(ref, icfg.beta, icfg.label_smoothing)
+
+    valid_stream = PreferenceStream(valid, shuffle=False) if valid is not None else None
+    objective, valid_objective = objective_for(stream), objective_for(valid_stream) if valid_stream else None
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        return evaluate_dpo(m, valid_objective, valid_stream, icfg.eval_batch_size) if valid_stream else {}
+
+    return objective, stream, evaluate
+
+
+def _sft_report(before: dict, after: dict, icfg: InstructConfig) -> dict:
+    return {"valid_loss_before": before.get("sft_loss"), "valid_loss_after": after.get("sft_loss")}
+
+
+def _dpo_report(before: dict, after: dict, icfg: InstructConfig) -> dict:
+    return {"beta": icfg.beta, "label_smoothing": icfg.label_smoothing, "reference": icfg.reference,
+            "valid_before": before, "valid_after": after}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """Everything that differs between SFT and DPO; the run itself is shared (`run_instruct`)."""
+
+    files: str  # data/instruct/{files}_train.jsonl, {files}_valid.jsonl
+    records: str  # what one record is, for messages
+    read: Callable[[Path], list]
+    tokenize: Callable[..., tuple[list, dict]]
+    train: TrainConfig  # default optimisation settings
+    # (model, train examples, valid examples or None, cfg, icfg) -> (objective, stream, evaluate)
+    setup: Callable[..., tuple[Objective, Any, Evaluate]]
+    report: Callable[[dict, dict, InstructConfig], dict]  # kind-specific report fields
+    curve: tuple[str, str]  # held-out metric plotted and its axis label
+
+
+KINDS = {
+    "sft": _Kind("sft", "conversation", read_sft, tokenize_sft, SFT_TRAIN, _sft_setup, _sft_report,
+                 ("sft_loss", "assistant-token cross-entropy (nats)")),
+    "dpo": _Kind("pref", "preference pair", read_preferences, tokenize_preferences, DPO_TRAIN, _dpo_setup,
+                 _dpo_report, ("loss", "DPO loss")),
+}  # fmt: skip
+
+
+def run_instruct(
+    kind: str,
     model_path: str | Path,
     out_dir: str | Path,
     train_file: str | Path | None = None,
     valid_file: str | Path | None = None,
-    cfg: TrainConfig = SFT_TRAIN,
+    cfg: TrainConfig | None = None,
     icfg: InstructConfig = InstructConfig(),
     resume: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Supervised fine-tuning on assistant tokens; returns the held-out loss before and after."""
+    """SFT or DPO (`kind`) of `model_path` into `out_dir`; returns the report also written to eval.json.
 
-    def setup(model, examples, valid_examples):
-        valid = SFTStream(valid_examples, shuffle=False) if valid_examples is not None else None
+    Without `train_file`, the bundled data/instruct files are used (and their held-out split unless
+    `valid_file` is given). `cfg` None takes the kind's defaults (SFT_TRAIN, DPO_TRAIN). The report
+    has the steps, tokens seen, data counts and the held-out metrics before and after training.
+    """
+    k = KINDS[kind]
+    cfg = cfg if cfg is not None else k.train
+    if train_file is None:
+        train_file = DATA_DIR / f"{k.files}_train.jsonl"
+        valid_file = valid_file or DATA_DIR / f"{k.files}_valid.jsonl"
+    train_path, valid_path = Path(train_file), (Path(valid_file) if valid_file else None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"kind": kind, "base": str(model_path), "train_file": train_path, "valid_file": valid_path,
+            "train": dataclasses.asdict(cfg), "instruct": dataclasses.asdict(icfg)}  # fmt: skip
+    (out / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    model, tok = load_model(model_path), load_tokenizer(model_path)
+    examples, counts = k.tokenize(tok, k.read(train_path), icfg.max_len)
+    if not examples:
+        raise DataError(f"{train_path}: no {k.records} survives max_len={icfg.max_len}")
+    data_info, valid = {"train": counts}, None
+    if valid_path is not None:
+        valid, data_info["valid"] = k.tokenize(tok, k.read(valid_path), icfg.max_len)
+    (out / "data.json").write_text(json.dumps(data_info, indent=2))
+    objective, stream, evaluate = k.setup(model, examples, valid, cfg, icfg)
+    before = evaluate(model)
+    torch.manual_seed(cfg.seed)
+    state = train(model, objective, stream, cfg, out, evaluate, resume, progress)
+    report = {"kind": kind, "steps": state.step, "tokens_seen": state.tokens_seen, "data": data_info,
+              **k.report(before, evaluate(model), icfg)}  # fmt: skip
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    dtype = torch.bfloat16 if model.config.total_params > 5e6 else None
+    save_model(model, out / "model", tokenizer_src=tok, dtype=dtype, overwrite=True)
+    title = "SFT" if kind == "sft" else f"DPO (beta={icfg.beta})"
+    plot_curve(out / "metrics.jsonl", out / "curve.png", title, *k.curve)
+    return report
 
-        def evaluate(m):
-            return {"sft_loss": sft_loss(m, valid, icfg.eval_batch_size)} if valid else {}
 
-        return sft_objective, SFTStream(examples, seed=cfg.seed), evaluate
-
-    files = (train_file, valid_file)
-    model, tok, out, r = _run(SFT, model_path, out_dir, files, cfg, icfg, setup, (resume, progress))
-    before, after = r.pop("before"), r.pop("after")
-    r.update(valid_loss_before=before.get("sft_loss"), valid_loss_after=after.get("sft_loss"))
-    return _finish(model, tok, out, r, "SFT", "sft_loss", "assistant-token cross-entropy (nats)")
+def run_sft(*args: Any, **options: Any) -> dict:
+    """Supervised fine-tuning on assistant tokens: `run_instruct("sft", ...)` (held-out loss before and after)."""
+    return run_instruct("sft", *args, **options)
 
 
-def run_dpo(
-    model_path: str | Path,
-    out_dir: str | Path,
-    train_file: str | Path | None = None,
-    valid_file: str | Path | None = None,
-    cfg: TrainConfig = DPO_TRAIN,
-    icfg: InstructConfig = InstructConfig(),
-    resume: bool = True,
-    progress: bool = True,
-) -> dict:
-    """DPO from `model_path` (also the reference); returns held-out reward metrics before and after."""
-
-    def setup(model, examples, valid_examples):
-        stream = PreferenceStream(examples, seed=cfg.seed)
-        # The reference is the model as loaded, before train() restores any checkpoint of this run.
-        frozen = copy.deepcopy(model) if icfg.reference == "copy" else None
-
-        def objective_for(data: PreferenceStream) -> DPOObjective:
-            ref = frozen if frozen is not None else reference_logprobs(model, data, icfg.eval_batch_size)
-            return DPOObjective(ref, icfg.beta, icfg.label_smoothing)
-
-        valid = PreferenceStream(valid_examples, shuffle=False) if valid_examples is not None else None
-        objective, valid_objective = objective_for(stream), objective_for(valid) if valid else None
-
-        def evaluate(m):
-            return evaluate_dpo(m, valid_objective, valid, icfg.eval_batch_size) if valid else {}
-
-        return objective, stream, evaluate
-
-    files = (train_file, valid_file)
-    model, tok, out, r = _run(DPO, model_path, out_dir, files, cfg, icfg, setup, (resume, progress))
-    r.update(beta=icfg.beta, label_smoothing=icfg.label_smoothing, reference=icfg.reference,
-             valid_before=r.pop("before"), valid_after=r.pop("after"))  # fmt: skip
-    return _finish(model, tok, out, r, f"DPO (beta={icfg.beta})", "loss", "DPO loss")
+def run_dpo(*args: Any, **options: Any) -> dict:
+    """DPO from the model, which is also the frozen reference: `run_instruct("dpo", ...)` (held-out rewards)."""
+    return run_instruct("dpo", *args, **options)

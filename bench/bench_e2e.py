@@ -30,22 +30,20 @@ from pathlib import Path
 import torch
 
 from mixtral.checkpoint import load_model
+from mixtral.checkpoint.configs import config_to_hf
 from mixtral.config import get_preset
 from mixtral.inference import GenerationStats, generate_ids, prefill
 from mixtral.model import KVCache
 
 
 def hf_model(cfg, seed: int):
+    """transformers' MixtralForCausalLM with random weights, configured by our config.json writer."""
     import transformers
 
-    hc = transformers.MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim, num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
-        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
-    )  # fmt: skip
     torch.manual_seed(seed)
-    return transformers.MixtralForCausalLM(hc).eval()
+    return transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(**config_to_hf(cfg, torch.float32))
+    ).eval()
 
 
 class _StepClock:

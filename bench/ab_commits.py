@@ -10,6 +10,7 @@ ends with one JSON line. Every run checks its own results first (bench_e2e asser
 transformers before timing).
 
     python bench/ab_commits.py 247f759 HEAD --rounds 2 -- --batches 1,8 --train-shape 0 --repeats 3
+    (arguments after -- go to bench_e2e.py)
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def run_bench(tree: Path, bench_args: list[str]) -> dict:
     """One bench_e2e.py run of the commit checked out at `tree`; its final JSON line."""
     env = {**os.environ, "PYTHONPATH": str(tree)}  # the worktree's package, not the installed one
     out = subprocess.run([sys.executable, "bench/bench_e2e.py", *bench_args], cwd=tree, env=env,
-                         check=True, capture_output=True, text=True)  # fmt: skip
+                         capture_output=True, text=True)  # fmt: skip
+    if out.returncode:
+        raise SystemExit(f"bench_e2e.py failed in {tree}:\n{out.stderr[-3000:]}")
     print(out.stdout.strip().splitlines()[-2][:200], file=sys.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -55,9 +58,9 @@ def main() -> None:
     ap.add_argument("new", help="commit to compare with it")
     ap.add_argument("--rounds", type=int, default=2, help="runs per commit, alternating (default 2)")
     ap.add_argument("--variants", default="fp32,bf16", help="our variants to compare (default fp32,bf16)")
-    ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: arguments for bench_e2e.py")
-    a = ap.parse_args()
-    bench_args = [x for x in a.bench_args if x != "--"]
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)  # after --: arguments for bench_e2e.py
+    a, bench_args = ap.parse_args(argv[:split]), argv[split + 1 :]
     variants = a.variants.split(",")
     commits = {"old": git("rev-parse", "--short", a.old), "new": git("rev-parse", "--short", a.new)}
     runs: dict[str, list[dict[str, float]]] = {"old": [], "new": []}

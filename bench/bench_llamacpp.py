@@ -1,7 +1,7 @@
 """llama.cpp vs ours: batch-1 greedy decode tokens/s on the same weights, f32 / Q8_0 vs fp32 / int8.
 
 The model (random weights from torch.manual_seed(0), or --model) is saved with our save_model,
-exported to GGUF with mixtral.gguf_export, and loaded in llama.cpp through llama-cpp-python.
+exported to GGUF with mixtral.checkpoint.gguf_export, and loaded in llama.cpp through llama-cpp-python.
 Checks first: the first-step logits of llama.cpp f32 and ours fp32 agree (max |diff| <= 1e-3 of
 max |logit|, asserted) and their greedy tokens are compared (reported, not asserted: fp summation
 order may flip a near-tie late in a sequence). Then times both, interleaving repeats; medians.

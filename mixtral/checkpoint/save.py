@@ -34,7 +34,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v*", "tokenizer.json", "t
 
 
 # A tokenizer file, a directory whose tokenizer files are copied, a callable that writes into the
-# output directory, or a mixtral.tokenizer.Tokenizer (written with its save_tokenizer).
+# output directory, or a mixtral.text.Tokenizer (written with its save_tokenizer).
 TokenizerSource = Union[str, Path, Callable[[Path], object], "Tokenizer", None]
 
 

@@ -52,8 +52,8 @@ def load_for_inference(path: str, options: ModelOptions | None = None):
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype to load (default fp32)")
     p.add_argument("--quantize", choices=("int8", "bf16"), default=None,
-                   help="weight-only compression after loading (activations stay fp32): int8 with "
-                   "per-channel scales or bf16 storage; decode streams the compressed weights")  # fmt: skip
+                   help="weight-only compression after loading: int8 with per-channel scales or bf16 "
+                   "storage; decode streams the compressed weights, prefill dequantises to --dtype")  # fmt: skip
 
 
 def model_options(a: argparse.Namespace) -> ModelOptions:

@@ -1,7 +1,7 @@
 """Generates small instruction datasets with checkable answers: SFT conversations, preference pairs, eval.
 
 Tasks (short prompt, short exact answer, so that a tiny model can learn them and
-`mixtral.train.instruct_eval` can score them): `math` (a `mixtral.data.mathgen` question; the
+`mixtral.eval.instruct` can score them): `math` (a `mixtral.data.mathgen` question; the
 pretraining corpus used seed 0, the training files use seed 2s+1, held-out files 2s+2, and a held-out
 question is never a training or pretraining one), `language` (one or two fr/de/es/it/English corpus
 sentences -> French/German/Spanish/Italian/English, kept only where a stop-word vote agrees with the

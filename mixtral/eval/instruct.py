@@ -1,6 +1,6 @@
 """Scores a chat model's greedy answers to the checkable held-out questions of data/instruct/eval.jsonl.
 
-Each question is rendered in the Mixtral-Instruct format (`mixtral.chat.encode_chat`, ending with
+Each question is rendered in the Mixtral-Instruct format (`mixtral.text.encode_chat`, ending with
 `[/INST]`), decoded greedily until EOS, a newline or `max_new_tokens`, and only the first line of
 the answer counts. `answer_matches` compares it with the expected answer after normalising: strip,
 casefold, trailing punctuation and a spelled-out EOS removed. Per task: `math` compares the whole

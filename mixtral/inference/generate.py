@@ -53,7 +53,7 @@ class GenerationConfig:
         if not all(isinstance(s, str) for s in stop):
             raise GenerationError(f"stop must be strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(stop))
-        self.sampling  # noqa: B018 (validates temperature, top_k, top_p, seed)
+        SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)  # validates those four
 
     @property
     def sampling(self) -> SamplingParams:
@@ -70,6 +70,10 @@ class GenerationConfig:
 
 
 def _config(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise TypeError(
+            f"config must be a GenerationConfig, got {type(config).__name__}; pass options as keywords"
+        )
     config = config if config is not None else GenerationConfig()
     return config.replace(**options) if options else config
 

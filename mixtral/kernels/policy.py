@@ -13,9 +13,9 @@ from mixtral.kernels import ops
 
 # Rows of x up to which the streaming kernel beats torch's fp32 matmul.
 KERNEL_MAX_ROWS = 16
-# bf16 x and bf16 weights on a CPU with native bf16 dot products: torch's bf16 matmul (oneDNN) wins
-# from 8 rows (32000x1024 head: 5.7 ms against the kernel's 8.4 at 8 rows; the kernel 1.6 against
-# 4.8 ms at 1 row).
+# bf16 x and bf16 weights on a CPU with native bf16 dot products: torch's bf16 matmul (oneDNN) takes
+# over from 5 rows (32000x1024 head: the kernel 1.6 ms against torch's 4.8 at 1 row, but 8.4 against
+# 5.7 at 8 rows).
 KERNEL_MAX_ROWS_BF16 = 4
 # int8 matrices stay in the kernel for decode batches up to this; prefill dequantises. Dequantising
 # a matrix costs more than several kernel passes over it (the 32000x1024 head: 135 ms dequantised +

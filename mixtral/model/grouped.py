@@ -11,7 +11,7 @@ contiguous rows of x. It computes what a per-expert `F.linear` triple computes, 
   weight gradients, as autocast does for `F.linear`, but it saves only x, x·w1ᵀ and x·w3ᵀ and casts
   each expert's weights again in backward instead of keeping bf16 copies of all of them.
 Experts without rows get zero gradients. Tested equal to the reference dispatch, forward and
-backward, in fp32 and under autocast (tests/test_moe.py).
+backward, in fp32 and under autocast (tests/unit/test_moe.py).
 """
 
 from __future__ import annotations

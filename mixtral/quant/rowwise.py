@@ -3,7 +3,8 @@
 Applied from outside the model (gpt-fast style): `quantize_model(model, "int8")` swaps each
 `Experts` for `CompressedExperts` and, if asked, each attention/output `nn.Linear` for
 `CompressedLinear`. Decode streams the compressed weights through the CPU kernel (4× fewer bytes
-for int8, 2× for bf16; activations fp32 inside the kernel); prefill and any path without the kernel
+for int8, 2× for bf16; the activations as in `mixtral.kernels.ops.linear`: fp32, bf16 dot products
+for a bf16 model with bf16 storage, int16-quantised for int8 on AVX-512 VNNI CPUs); prefill and any path without the kernel
 dequantise one matrix at a time to the model's compute dtype (that of the weights replaced) and use
 torch's matmul: quantize a bf16 model to get bf16 prefill matmuls, which CPUs with AVX512-BF16 or
 AMX run about 3× faster than fp32 (measured in docs/performance.md).

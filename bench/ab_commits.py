@@ -33,7 +33,13 @@ def git(*args: str) -> str:
 
 def run_bench(tree: Path, bench_args: list[str]) -> dict:
     """One bench_e2e.py run of the commit checked out at `tree`; its final JSON line."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}  # the worktree's package, not the installed one
+    # The worktree's package, not the installed one; its own kernel build cache (torch names the build
+    # after the extension, so two checkouts sharing a cache would rebuild each other's every run).
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tree),
+        "TORCH_EXTENSIONS_DIR": str(tree.parent / f"ext-{tree.name}"),
+    }
     out = subprocess.run([sys.executable, "bench/bench_e2e.py", *bench_args], cwd=tree, env=env,
                          capture_output=True, text=True)  # fmt: skip
     if out.returncode:

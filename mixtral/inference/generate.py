@@ -127,7 +127,9 @@ def make_decode_step(model: Transformer, cache: KVCache, compile: bool = False) 
     """(token_B, position_B) -> next-token logits [B, V], advancing `cache`.
 
     compile=True runs `Transformer.step_cached` under torch.compile on the static cache (fixed
-    shapes: one graph for every step); if compilation fails the eager step is used, with a warning.
+    shapes: one graph for every step once `apply_kernels` has given the MoE layers the decode kernel,
+    as `load_model` does; plain `SortedDispatch` reads its expert counts on the host, which breaks
+    the graph there); if compilation fails the eager step is used, with a warning.
     """
     if not compile:
         return lambda token_B, position_B: decode_one_token(model, token_B, position_B, cache)

@@ -5,21 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from conftest import tiny_config
+from helpers import save_tiny_model, tiny_config
 
-from mixtral.checkpoint import save_model
 from mixtral.cli import main
-from mixtral.model import Transformer
 from mixtral.text.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("cli") / "model"
-    save_model(Transformer(tiny_config(vocab_size=32000)), path, tokenizer_src=load_tokenizer(None))
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("cli") / "model")
 
 
 def test_info_8x7b_counts(capsys):

@@ -12,7 +12,7 @@ from mixtral.inference import generate
 from mixtral.model import Transformer
 from mixtral.text.tokenizer import load_tokenizer
 
-MINI = Path(__file__).resolve().parent.parent / "models" / "mini"
+MINI = Path(__file__).resolve().parents[2] / "models" / "mini"
 pytestmark = pytest.mark.skipif(
     not (MINI / "config.json").exists(), reason="models/mini is not in this checkout"
 )

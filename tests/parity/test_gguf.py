@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import sentencepiece
 import torch
+from helpers import save_tiny_model
 
 gguf = pytest.importorskip("gguf")
 
-from mixtral.checkpoint import save_model  # noqa: E402
 from mixtral.checkpoint.gguf_export import GGUF_NAMES, export_gguf, gguf_tensor_specs  # noqa: E402
 from mixtral.checkpoint.table import TABLE, to_interleaved  # noqa: E402
 from mixtral.config import get_preset  # noqa: E402
@@ -37,7 +37,7 @@ def exported(tmp_path_factory) -> tuple[Transformer, Path, dict[str, Path]]:
             layer.attention.wq.weight.mul_(8)
             layer.attention.wk.weight.mul_(8)
     root = tmp_path_factory.mktemp("gguf")
-    save_model(model, root / "ckpt", tokenizer_src=load_tokenizer(None))
+    save_tiny_model(root / "ckpt", model)
     files = {o: export_gguf(root / "ckpt", root / f"tiny-{o}.gguf", o) for o in ("f32", "f16", "q8_0")}
     return model, root / "ckpt", files
 
@@ -164,7 +164,7 @@ def test_q8_0_falls_back_to_f16_for_rows_not_a_multiple_of_32():
 def test_mistral_format_source_gives_the_same_file(exported, tmp_path):
     """A Mistral checkpoint (wq/wk rows already interleaved) exports byte-identically to the HF one."""
     model, _, files = exported
-    save_model(model, tmp_path / "ckpt", format="mistral", tokenizer_src=load_tokenizer(None))
+    save_tiny_model(tmp_path / "ckpt", model, format="mistral")
     out = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")  # same directory name: same general.name
     assert out.read_bytes() == files["f32"].read_bytes()
 
@@ -192,8 +192,7 @@ def test_errors_and_atomic_write(exported, tmp_path):
         export_gguf(ckpt, tmp_path / "x.gguf", "q4_0")
     with pytest.raises(FileExistsError):
         export_gguf(ckpt, files["f32"])
-    one = Transformer(get_preset("tiny").replace(n_experts=1, top_k=1))
-    save_model(one, tmp_path / "one", tokenizer_src=load_tokenizer(None))
+    save_tiny_model(tmp_path / "one", Transformer(get_preset("tiny").replace(n_experts=1, top_k=1)))
     with pytest.raises(ConfigError, match="n_experts"):
         export_gguf(tmp_path / "one", tmp_path / "one.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one"]

@@ -4,34 +4,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import hf_model, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
 from mixtral.checkpoint import convert, load_model, save_model  # noqa: E402
 from mixtral.model.moe import route  # noqa: E402
 
+# A 3-layer, 211-token model (transformers' own initialisation, std 0.1) with attention and experts
+# varied: GQA 1 and 4, head_dim derived (null in config.json) or not dim/heads, top-1 and top-2.
+BASE = tiny_config(vocab_size=211, dim=48, hidden_dim=80, n_layers=3, max_seq_len=512, norm_eps=1e-5)
+DERIVED_HEAD_DIM = {"head_dim": None}
 CONFIGS = {
-    "gqa1-top2-e8": dict(num_attention_heads=4, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2),
-    "gqa4-top2-e4": dict(num_attention_heads=8, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
-    "headdim-top1-e8": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_local_experts=8,
-                            num_experts_per_tok=1),
-    "headdim-gqa4-top2-e4": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=12, num_local_experts=4,
-                                 num_experts_per_tok=2),
+    "gqa1-top2-e8": dict(n_heads=4, n_kv_heads=4, head_dim=12, n_experts=8, top_k=2, hf_overrides=DERIVED_HEAD_DIM),
+    "gqa4-top2-e4": dict(n_heads=8, n_kv_heads=2, head_dim=6, n_experts=4, top_k=2, hf_overrides=DERIVED_HEAD_DIM),
+    "headdim-top1-e8": dict(n_heads=4, n_kv_heads=2, head_dim=24, n_experts=8, top_k=1),
+    "headdim-gqa4-top2-e4": dict(n_heads=4, n_kv_heads=1, head_dim=12, n_experts=4, top_k=2),
 }  # fmt: skip
-
-
-def _hf_model(overrides: dict, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.MixtralConfig(
-        vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=3, max_position_embeddings=512,
-        rms_norm_eps=1e-5, initializer_range=0.1, **overrides,
-    )  # fmt: skip
-    return transformers.MixtralForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
-    hf = _hf_model(CONFIGS[request.param])
+    hf = hf_model(BASE, transformers_init=0.1, **CONFIGS[request.param])
     path = tmp_path_factory.mktemp(request.param) / "hf"
     hf.save_pretrained(path)
     return hf, load_model(path).eval(), path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "mixtral"
+PACKAGE = Path(__file__).resolve().parents[2] / "mixtral"
 
 
 def _modules() -> dict[str, Path]:

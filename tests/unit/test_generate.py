@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config, token_rows
 
 from mixtral.errors import GenerationError
 from mixtral.inference import GenerationConfig, GenerationStats, generate_ids
 from mixtral.model import Transformer
-
-
-def _rows(steps, B):
-    rows = [[] for _ in range(B)]
-    for step in steps:
-        for b, t in enumerate(step):
-            if t is not None:
-                rows[b].append(t)
-    return rows
 
 
 @pytest.fixture
@@ -35,30 +26,32 @@ def _greedy_by_recomputation(model, prompt, n):
 
 def test_batched_ragged_greedy_equals_full_recomputation(model):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]
-    rows = _rows(generate_ids(model, prompts, max_new_tokens=12, chunk_size=3), 3)
+    rows = token_rows(generate_ids(model, prompts, max_new_tokens=12, chunk_size=3), 3)
     for p, got in zip(prompts, rows, strict=True):
         assert got == _greedy_by_recomputation(model, p, 12)
 
 
 def test_chunk_size_does_not_change_output(model):
     prompt = [list(range(1, 40))]
-    outs = {c: _rows(generate_ids(model, prompt, max_new_tokens=6, chunk_size=c), 1) for c in (1, 7, 512)}
+    outs = {
+        c: token_rows(generate_ids(model, prompt, max_new_tokens=6, chunk_size=c), 1) for c in (1, 7, 512)
+    }
     assert outs[1] == outs[7] == outs[512]
 
 
 def test_sampling_with_seed_is_reproducible(model):
     config = GenerationConfig(temperature=1.5, top_k=20, top_p=0.9, seed=7, max_new_tokens=10)
-    a = _rows(generate_ids(model, [[1, 2, 3], [4]], config), 2)
-    b = _rows(generate_ids(model, [[1, 2, 3], [4]], config), 2)
+    a = token_rows(generate_ids(model, [[1, 2, 3], [4]], config), 2)
+    b = token_rows(generate_ids(model, [[1, 2, 3], [4]], config), 2)
     assert a == b
 
 
 def test_eos_stops_a_row_and_others_continue(model):
     prompts = [[5, 6, 7], [8, 9]]
-    free = _rows(generate_ids(model, prompts, max_new_tokens=8), 2)
+    free = token_rows(generate_ids(model, prompts, max_new_tokens=8), 2)
     eos = free[0][2]
     steps = list(generate_ids(model, prompts, max_new_tokens=8, eos_id=eos))
-    rows = _rows(steps, 2)
+    rows = token_rows(steps, 2)
     assert rows[0] == free[0][:3]
     expected_1 = free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1]
     assert rows[1] == expected_1
@@ -154,11 +147,3 @@ def test_eos_ends_text_generation(tok):
     assert out.finish_reason == "eos" and out.token_ids[-1] == tok.eos_id
     prompt_ids = tok.encode("Hello", bos=True)
     assert tok.decode(prompt_ids) + out.text == tok.decode(prompt_ids + out.token_ids[:-1])
-
-
-def test_compiled_decode_step_equals_eager(model):
-    pytest.importorskip("torch._inductor")
-    prompts = [[5, 6, 7, 8], [9, 10]]
-    eager = _rows(generate_ids(model, prompts, max_new_tokens=10), 2)
-    compiled = _rows(generate_ids(model, prompts, max_new_tokens=10, compile=True), 2)
-    assert compiled == eager

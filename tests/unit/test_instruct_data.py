@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_jsonl
 
 from mixtral.data.instruct import (
     PreferenceStream,
@@ -62,11 +63,6 @@ def _assistant_targets(tok: Tokenizer, messages: list[dict[str, str]]) -> list[i
         if m["role"] == ASSISTANT:
             out += tok.encode(m["content"], bos=False) + [tok.eos_id]
     return out
-
-
-def _write_jsonl(path: Path, lines: list) -> Path:
-    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
-    return path
 
 
 # ------------------------------------------------------------------ chat masks
@@ -148,7 +144,7 @@ def test_sft_truncation_and_drop(tok: Tokenizer) -> None:
 
 
 def test_read_sft_ignores_extra_keys_and_blank_lines(tmp_path: Path) -> None:
-    path = _write_jsonl(
+    path = write_jsonl(
         tmp_path / "sft.jsonl",
         [{"messages": CONVERSATIONS["system"], "meta": {"id": 1}}, "", {"messages": CONVERSATIONS["single"]}],
     )
@@ -173,7 +169,7 @@ BAD_SFT = {
 def test_read_sft_errors_name_file_and_line(tmp_path: Path, name: str) -> None:
     bad, problem = BAD_SFT[name]
     good = {"messages": CONVERSATIONS["single"]}
-    path = _write_jsonl(tmp_path / "sft.jsonl", [good, "", good, bad, good])
+    path = write_jsonl(tmp_path / "sft.jsonl", [good, "", good, bad, good])
     with pytest.raises(DataError, match=problem) as info:
         read_sft(path)
     assert f"{path}:4:" in str(info.value)
@@ -194,7 +190,7 @@ def test_read_preferences_normalises_strings_and_lists(tmp_path: Path) -> None:
         "score": 1.0,
     }
     plain = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
-    records = read_preferences(_write_jsonl(tmp_path / "pref.jsonl", [plain, conversational]))
+    records = read_preferences(write_jsonl(tmp_path / "pref.jsonl", [plain, conversational]))
     expected = {"prompt": _msgs((USER, "2+2?")), "chosen": _msgs((ASSISTANT, "4"))}
     assert records[0] == {**expected, "rejected": _msgs((ASSISTANT, "5"))}
     assert records[1] == {k: v for k, v in conversational.items() if k != "score"}
@@ -216,7 +212,7 @@ BAD_PREFERENCES = {
 @pytest.mark.parametrize("name", sorted(BAD_PREFERENCES))
 def test_read_preferences_errors_name_file_and_line(tmp_path: Path, name: str) -> None:
     bad, problem = BAD_PREFERENCES[name]
-    path = _write_jsonl(tmp_path / "pref.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, bad])
+    path = write_jsonl(tmp_path / "pref.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, bad])
     with pytest.raises(DataError, match=problem) as info:
         read_preferences(path)
     assert f"{path}:2:" in str(info.value)

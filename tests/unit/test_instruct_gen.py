@@ -10,7 +10,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from mixtral.data import instruct_gen, mathgen
 from mixtral.data.corpus import default_corpus_root, sha256_file

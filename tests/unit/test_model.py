@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from mixtral.errors import GenerationError
 from mixtral.kernels import AutoDispatch
@@ -160,3 +160,10 @@ def test_packed_documents_do_not_attend_across_boundaries():
             alone = model(d[None]).logits[0]
             torch.testing.assert_close(together[start : start + len(d)], alone, atol=1e-5, rtol=0)
             start += len(d)
+
+
+def test_cache_dtype_must_match_the_model():
+    model = Transformer(tiny_config()).eval().to(torch.bfloat16)
+    cache = KVCache.allocate(model.config, 1, 8)  # fp32 by default
+    with torch.no_grad(), pytest.raises(ValueError, match="cache was allocated as torch.float32"):
+        model(torch.tensor([[1, 2, 3]]), cache=cache)

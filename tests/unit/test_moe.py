@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral import kernels
 from mixtral.kernels import AutoDispatch, KernelDispatch
 from mixtral.model import Experts, LoopDispatch, MoE, SortedDispatch, route
 
@@ -63,10 +62,7 @@ def test_dispatch_matches_reference_forward_and_backward(name, T, E, K, skew):
             assert torch.all(w_grad[unused] == 0)
 
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="mixtral CPU kernels not built here")
-
-
-@needs_kernels
+@pytest.mark.usefixtures("kernels_built")
 @pytest.mark.parametrize(("T", "E", "K", "skew"), CASES + [(5, 8, 8, False)])
 @pytest.mark.parametrize("D", [16, 21])  # 21: a dimension that is not a multiple of the vector width
 def test_kernel_dispatch_matches_reference(T, E, K, skew, D):
@@ -81,7 +77,7 @@ def test_kernel_dispatch_matches_reference(T, E, K, skew, D):
     torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=2e-5)
 
 
-@needs_kernels
+@pytest.mark.usefixtures("kernels_built")
 def test_auto_dispatch_uses_kernel_only_without_autograd():
     experts = _experts(8, 16, 24)
     x = torch.randn(4, 16)

@@ -1,4 +1,7 @@
-"""Routing analysis: statistics with known answers, an independent recomputation, the CLI."""
+"""Routing analysis: statistics with known answers, an independent recomputation of the analysis.
+
+Layer-by-layer analysis from a checkpoint and the routing command: tests/integration/test_routing_cli.py.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import random_docs, tiny_config
 
-from mixtral.analysis.layerwise import LayerwiseModel
 from mixtral.analysis.routing import analyze_routing, parse_layers
 from mixtral.analysis.routing_stats import (
     RoutingStats,
@@ -19,11 +21,8 @@ from mixtral.analysis.routing_stats import (
     lru_hit_histogram,
     random_baselines,
 )
-from mixtral.checkpoint import load_model, save_model
-from mixtral.cli import main
-from mixtral.data.packing import PackedStream, TokenizedDocs
+from mixtral.data.packing import PackedStream
 from mixtral.model import Transformer
-from mixtral.text.tokenizer import load_tokenizer
 
 
 def test_random_baselines_formula():
@@ -170,18 +169,11 @@ def test_parse_layers():
         parse_layers("middle-ish", 4)
 
 
-def _docs(seed: int, n: int, vocab: int) -> TokenizedDocs:
-    rng = np.random.default_rng(seed)
-    return TokenizedDocs.from_lists(
-        [1, *rng.integers(3, vocab, rng.integers(5, 90)).tolist(), 2] for _ in range(n)
-    )
-
-
 def test_analysis_agrees_with_a_plain_recomputation():
     """Repetition and shares from analyze_routing equal plain loops over the model's router logits."""
     cfg = tiny_config(n_layers=3, n_experts=6, top_k=2)
     model = Transformer(cfg).eval()
-    data = {"x": _docs(0, 12, cfg.vocab_size), "y": _docs(1, 9, cfg.vocab_size)}
+    data = {"x": random_docs(0, 12, cfg.vocab_size), "y": random_docs(1, 9, cfg.vocab_size)}
     seq_len, bs = 64, 3
     result = analyze_routing(model, data, layers="all", max_tokens=None, seq_len=seq_len, batch_size=bs,
                              n_resamples=20, progress=False, keep_traces=True)  # fmt: skip
@@ -230,7 +222,7 @@ def test_analysis_agrees_with_a_plain_recomputation():
 
 def test_analysis_rejects_bad_arguments():
     model = Transformer(tiny_config()).eval()
-    docs = _docs(0, 4, 97)
+    docs = random_docs(0, 4, 97)
     with pytest.raises(ValueError, match="at least two"):
         analyze_routing(model, {"x": docs}, progress=False)
     with pytest.raises(ValueError, match="seq_len"):
@@ -238,62 +230,3 @@ def test_analysis_rejects_bad_arguments():
     for bad in ({"batch_size": 0}, {"n_resamples": 0}, {"sample_tokens": 0}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
             analyze_routing(model, {"x": docs, "y": docs}, seq_len=64, progress=False, **bad)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("routing") / "model"
-    save_model(
-        Transformer(tiny_config(vocab_size=32000, n_experts=8)), path, tokenizer_src=load_tokenizer(None)
-    )
-    return path
-
-
-def test_layerwise_model_routes_like_the_whole_model(model_dir):
-    """Layer-by-layer execution from the checkpoint gives the same router logits and statistics."""
-    whole = load_model(model_dir).eval()
-    layerwise = LayerwiseModel(model_dir, dtype=torch.float32)
-    data = {"x": _docs(2, 10, 32000), "y": _docs(3, 10, 32000)}
-    batch = next(PackedStream(data, 64, shuffle=False, loop=False).batches(3))
-    x, pos = batch.inputs, batch.positions
-    with torch.no_grad():
-        expected = whole(x, positions=pos).router_logits
-    torch.testing.assert_close(layerwise.router_logits([(x, pos)])[0], expected, rtol=1e-5, atol=1e-5)
-    kw = dict(seq_len=64, batch_size=4, n_resamples=10, progress=False, max_tokens=None)
-    a, b = analyze_routing(whole, data, **kw).to_json(), analyze_routing(layerwise, data, **kw).to_json()
-    for key in ("tokens", "pairs", "expert_share", "repetition", "cache", "samples"):
-        assert a[key] == b[key], key
-
-
-def test_routing_cli_writes_the_report(model_dir, tmp_path, capsys):
-    (tmp_path / "code.txt").write_text("def f(x):\n    return x + 1\n\n" * 30)
-    (tmp_path / "fr.jsonl").write_text(
-        "\n".join(json.dumps({"text": f"Le chat numéro {i} dort."}) for i in range(40))
-    )
-    out = tmp_path / "report"
-    argv = ["routing", str(model_dir), "--data", f"code={tmp_path / 'code.txt'}", "--data",
-            f"fr={tmp_path / 'fr.jsonl'}", "--seq-len", "64", "--bootstrap", "10", "--quiet",
-            "--keep-traces", "--layerwise", "--out", str(out)]  # fmt: skip
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "report:" in printed and "same 1st" in printed
-    report = json.loads((out / "report.json").read_text())
-    assert report["domains"] == ["code", "fr"] and report["layers"] == [0, 1]
-    assert (out / "report.html").stat().st_size > 10_000
-    with np.load(out / "traces.npz") as traces:
-        assert traces["code"].shape[0] == 2 and traces["code"].dtype == np.uint8
-
-
-@pytest.mark.parametrize(
-    "extra,match",
-    [
-        (["--data", "nofile"], "DOMAIN=PATH"),
-        (["--layers", "9"], "out of range"),
-        (["--data", "a=/nonexistent/x.txt", "--data", "b=/nonexistent/y.txt"], "nonexistent"),
-    ],
-)
-def test_routing_cli_errors(model_dir, tmp_path, capsys, extra, match):
-    assert main(["routing", str(model_dir), *extra, "--out", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and match in err

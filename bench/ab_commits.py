@@ -88,21 +88,30 @@ def main() -> None:
                 subprocess.run(
                     ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True
                 )
-    keys = [k for k in runs["old"][0] if k in runs["new"][0]]
+    report(runs, commits, a.rounds, bench_args)
+
+
+def report(
+    runs: dict[str, list[dict[str, float]]], commits: dict[str, str], rounds: int, bench_args: list[str]
+) -> None:
+    """Both commits' runs side by side, medians, NEW / OLD, and whether their ranges overlap."""
+    print(f"\nspeed ratio per run (to transformers fp32 unless named); old {commits['old']}, new {commits['new']}, "
+          f"{rounds} runs each; overlap: the two commits' ranges overlap")  # fmt: skip
     print(
-        f"\nratio to transformers fp32 per run; old {commits['old']}, new {commits['new']}, {a.rounds} runs each"
+        f"{'case / variant':<44}{'old runs':>22}{'new runs':>22}{'old med':>9}{'new med':>9}{'new/old':>9}{'overlap':>9}"
     )
-    print(f"{'case / variant':<40}{'old runs':>22}{'new runs':>22}{'old med':>9}{'new med':>9}{'new/old':>9}")
     rows = []
-    for key in keys:
+    for key in (k for k in runs["old"][0] if k in runs["new"][0]):
         old, new = [r[key] for r in runs["old"]], [r[key] for r in runs["new"]]
         mo, mn = statistics.median(old), statistics.median(new)
-        rows.append(
-            {"case": key, "old": old, "new": new, "old_median": mo, "new_median": mn, "new_over_old": mn / mo}
-        )
+        overlap = max(min(old), min(new)) <= min(max(old), max(new))
+        rows.append({"case": key, "old": old, "new": new, "old_median": mo, "new_median": mn,
+                     "new_over_old": mn / mo, "ranges_overlap": overlap})  # fmt: skip
         cells = " ".join(f"{v:.2f}" for v in old), " ".join(f"{v:.2f}" for v in new)
-        print(f"{key:<40}{cells[0]:>22}{cells[1]:>22}{mo:>9.2f}{mn:>9.2f}{mn / mo:>9.3f}")
-    print(json.dumps({"bench": "ab_commits", "commits": commits, "bench_args": bench_args, "rounds": a.rounds,
+        print(
+            f"{key:<44}{cells[0]:>22}{cells[1]:>22}{mo:>9.2f}{mn:>9.2f}{mn / mo:>9.3f}{'yes' if overlap else 'no':>9}"
+        )
+    print(json.dumps({"bench": "ab_commits", "commits": commits, "bench_args": bench_args, "rounds": rounds,
                       "results": rows}))  # fmt: skip
 
 

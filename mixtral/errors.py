@@ -47,6 +47,10 @@ class TokenizerError(MixtralError):
     """No usable tokenizer could be found or a chat conversation is malformed."""
 
 
+class TokenizerNotFoundError(TokenizerError):
+    """A directory holds no tokenizer file at all (as opposed to one that exists but cannot be read)."""
+
+
 class GenerationError(MixtralError, ValueError):
     """Invalid generation request: bad sampling parameters, prompt too long for the context, ..."""
 

@@ -13,6 +13,7 @@ from mixtral.errors import MixtralError
 from mixtral.inference import GenerationConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
 QUANT_TARGETS = ("experts", "attention", "output")  # --quantize compresses every matrix but the embedding
 
 
@@ -47,6 +48,27 @@ def load_for_inference(path: str, options: ModelOptions | None = None):
             f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}"
         )
     return model, tok
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the model runs: auto (cuda if available, else mps, else cpu), cpu, cuda "
+                   "(cuda:N via CUDA_VISIBLE_DEVICES) or mps; the CPU decode kernels run only on cpu")  # fmt: skip
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a --device value; a one-line MixtralError if that device is not here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MixtralError("--device cuda: no CUDA device is available to this torch build/process")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise MixtralError("--device mps: Apple's Metal backend is not available here")
+    if name not in DEVICES:
+        raise MixtralError(f"--device {name!r}: choose from {', '.join(DEVICES)}")
+    return torch.device(name)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

@@ -95,17 +95,25 @@ def train_tokenizer(
     character_coverage: float = 0.9995,
     num_threads: int = 4,
     corpus_root: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> Tokenizer:
     """Train a BPE tokenizer of `vocab_size` pieces and save it in `out_dir` (see the module docstring).
 
     `texts_or_files` as in `training_lines` (None: a balanced sample of the default corpus).
     Characters outside `character_coverage` of the sample get no piece and go through byte fallback.
-    Returns the tokenizer loaded back from `out_dir`.
+    Returns the tokenizer loaded back from `out_dir`. An `out_dir` that already holds tokenizer files
+    (a model directory, say) is refused with FileExistsError unless `overwrite`.
     """
+    out = Path(out_dir)
+    existing = sorted(p.name for p in out.glob("tokenizer*")) if out.is_dir() else []
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {', '.join(existing)}; training would replace them. "
+            "Choose another directory or pass overwrite=True (--overwrite)"
+        )
     lines = training_lines(texts_or_files, max_chars, seed, corpus_root)
     if not lines:
         raise DataError("no text to train a tokenizer on (every document is empty)")
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()  # not model_prefix=: that would store the output path in the model file
     try:

@@ -24,7 +24,7 @@ import tokenizers
 from tokenizers import decoders, normalizers, processors
 from tokenizers.models import BPE
 
-from mixtral.errors import TokenizerError
+from mixtral.errors import TokenizerError, TokenizerNotFoundError
 
 # Looked for in this order in a model directory; HF names first, then Mistral's versioned names.
 _DIR_CANDIDATES = ("tokenizer.model", "tokenizer.json")
@@ -170,14 +170,19 @@ def default_tokenizer_path() -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
-    """Tokenizer from a file, from a model directory, or (None) the bundled Mixtral one."""
+    """Tokenizer from a file, from a model directory, or (None) the bundled Mixtral one.
+
+    A directory is searched for tokenizer.model, then tokenizer.json, then one tokenizer.model.v*.
+    `TokenizerNotFoundError` if it holds none; a file that exists but cannot be read is a
+    `TokenizerError` naming it (never silently skipped for another file or the bundled tokenizer).
+    """
     if path is None:
         return Tokenizer(default_tokenizer_path())
     path = Path(path)
     if path.is_file():
         return Tokenizer(path)
     if not path.is_dir():
-        raise TokenizerError(f"{path} is neither a tokenizer file nor a directory")
+        raise TokenizerNotFoundError(f"{path} is neither a tokenizer file nor a directory")
     for name in _DIR_CANDIDATES:
         if (path / name).is_file():
             return Tokenizer(path / name)
@@ -188,7 +193,7 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
         names = ", ".join(p.name for p in versioned)
         raise TokenizerError(f"{path} holds several tokenizers ({names}); pass the file path instead")
     looked_for = ", ".join((*_DIR_CANDIDATES, _MISTRAL_GLOB))
-    raise TokenizerError(
+    raise TokenizerNotFoundError(
         f"no tokenizer in {path}: looked for {looked_for}. Copy the model's tokenizer file there, "
         "or call load_tokenizer() with no argument for the bundled Mixtral tokenizer."
     )

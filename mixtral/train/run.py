@@ -36,7 +36,7 @@ def prepare_tokenizer(data: DataConfig, out_dir: Path) -> Tokenizer:
     if (tok_dir / "tokenizer.model").exists():
         return load_tokenizer(tok_dir / "tokenizer.model")
     sources = [Path(item.partition("=")[2]) for item in data.inputs] or None  # None: the bundled corpus
-    return train_tokenizer(sources, data.vocab_size, tok_dir)
+    return train_tokenizer(sources, data.vocab_size, tok_dir, overwrite=True)  # the run owns tok_dir
 
 
 def prepare_data(data: DataConfig, tok: Tokenizer, cache: Path) -> tuple[dict, dict]:

@@ -1,18 +1,35 @@
 """The compiled CPU kernel ops: built on first use, loaded once, callable as torch.ops.mixtral_cpu.*.
 
-`cpu_kernels.cpp` is compiled once per machine with torch's JIT extension builder (needs a C++
-compiler and ninja; cached under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR). If that
-fails, or `MIXTRAL_NO_KERNELS=1` is set, `available()` is False and callers use ATen (the
-decisions live in `mixtral.kernels.policy`).
+`cpu_kernels.cpp` and `cpu_dots.cpp` are compiled once per machine and kernel version with torch's
+extension builder (needs a C++ compiler; ninja comes with this package's dependencies). If that
+fails, or `MIXTRAL_NO_KERNELS=1` is set, `available()` is False and callers use ATen (the decisions
+live in `mixtral.kernels.policy`). `python -m mixtral.kernels` builds them ahead of time (setup.sh
+does).
+
+The build cache is content-addressed: a directory named after a hash of the kernel sources, the
+compiler flags, torch, Python and the CPU's instruction-set flags (the code is built with
+-march=native), under $MIXTRAL_KERNELS_CACHE, else $TORCH_EXTENSIONS_DIR, else
+~/.cache/torch_extensions. The sources are copied there and built from the copy, so every checkout
+with the same kernels shares one build, and a finished build is loaded straight from its library
+(a `BUILT` marker) without running ninja again, whichever ninja is on PATH. Builds are serialised
+by an `flock` on `<dir>.lock`, which the kernel releases when a process dies: a killed build
+leaves no lock that makes the next command wait forever (torch's own lock file is removed while
+the flock is held, since nobody else can be building).
 The ops are registered with torch.library (`torch.ops.mixtral_cpu.*`) with fake implementations,
 so a decode step that calls them can be captured by torch.compile.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
+import platform
+import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -22,21 +39,96 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _build() -> bool:
-    from torch.utils import cpp_extension
+SOURCES = ("cpu_kernels.cpp", "cpu_dots.cpp", "cpu_dots.h")
+# -fopenmp: at::parallel_for is an inline OpenMP loop, serial unless we compile with it.
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_dir() -> Path:
+    """Where this machine's build of these kernel sources lives (see the module docstring)."""
     here = Path(__file__).parent
-    cpp_extension.load(
-        name="mixtral_cpu_kernels",
-        sources=[str(here / "cpu_kernels.cpp"), str(here / "cpu_dots.cpp")],
-        # -fopenmp: at::parallel_for is an inline OpenMP loop, serial unless we compile with it.
-        extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    for part in (
+        *CFLAGS,
+        *LDFLAGS,
+        torch.__version__,
+        platform.python_version(),
+        platform.machine(),
+        _cpu_flags(),
+    ):
+        h.update(part.encode() + b"\0")
+    root = os.environ.get("MIXTRAL_KERNELS_CACHE") or os.environ.get("TORCH_EXTENSIONS_DIR")
+    root_dir = Path(root) if root else Path.home() / ".cache" / "torch_extensions"
+    return root_dir / f"mixtral_cpu_kernels-{h.hexdigest()[:16]}"
+
+
+def _library(directory: Path) -> Path:
+    return directory / f"{directory.name.replace('-', '_')}.so"
+
+
+def _build() -> bool:
+    directory = build_dir()
+    if not (directory / "BUILT").is_file():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{directory}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same sources: wait for it
+            if not (directory / "BUILT").is_file():
+                _compile(directory)
+    torch.ops.load_library(str(_library(directory)))
     _register_fakes()
     return True
+
+
+def _compile(directory: Path) -> None:
+    """Copy the sources into `directory` and build the library there (holding the flock)."""
+    from torch.utils import cpp_extension
+
+    directory.mkdir(exist_ok=True)
+    (directory / "lock").unlink(missing_ok=True)  # torch's lock, left behind by a killed build
+    here = Path(__file__).parent
+    for name in SOURCES:
+        shutil.copyfile(here / name, directory / name)
+    print(f"mixtral: building the CPU decode kernels in {directory} (once per machine and kernel "
+          "version, about a minute)...", file=sys.stderr, flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    env_path = os.environ.get("PATH", "")
+    try:
+        import ninja  # the one this package depends on, whatever ninja is first on PATH
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + env_path
+    except ImportError:
+        pass
+    try:
+        cpp_extension.load(
+            name=directory.name.replace("-", "_"),
+            sources=[str(directory / n) for n in SOURCES if n.endswith(".cpp")],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        os.environ["PATH"] = env_path
+    (directory / "BUILT").write_text(f"{torch.__version__}\n")
+    print(
+        f"mixtral: built the CPU decode kernels in {time.perf_counter() - t0:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _register_fakes() -> None:

@@ -132,6 +132,10 @@ def export_gguf(
         raise IsADirectoryError(f"{dst} is a directory; pass the path of the .gguf file to write")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass overwrite=True to replace it")
+    if dst.exists() and dst.suffix != ".gguf":
+        raise FileExistsError(
+            f"{dst} exists and is not a .gguf file; refusing to replace it with a GGUF export"
+        )
     cfg, _ = read_config(src)
     check_representable(cfg)
     vocab = _vocab(tokenizer if tokenizer is not None else src, cfg.vocab_size)

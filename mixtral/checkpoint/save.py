@@ -56,6 +56,31 @@ def _copy_tokenizer(tokenizer: TokenizerSource, out: Path) -> None:
         save_tokenizer(tokenizer, out)
 
 
+# What a checkpoint directory we write may hold: replacing one with overwrite=True deletes only these.
+OWNED_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "params.json",
+               "generation_config.json", *TOKENIZER_FILES)  # fmt: skip
+
+
+def check_destination(dst: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse a destination that would destroy something: the source itself or a directory inside or
+    around it, or (with overwrite) a directory holding files a checkpoint writer does not own."""
+    dst = Path(dst).resolve()
+    if source is not None:
+        src = Path(source).resolve()
+        if dst == src or src in dst.parents or dst in src.parents:
+            where = "is" if dst == src else "is inside" if src in dst.parents else "contains"
+            raise FileExistsError(f"destination {dst} {where} the source {src}; write the result elsewhere")
+    if not (dst.is_dir() and overwrite):
+        return  # a file, or overwrite=False: atomic_directory refuses anything non-empty
+    foreign = [p.name + ("/" if p.is_dir() else "") for p in sorted(dst.iterdir())
+               if p.is_dir() or not any(p.match(pattern) for pattern in OWNED_FILES)]  # fmt: skip
+    if foreign:
+        raise FileExistsError(
+            f"{dst} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} a checkpoint does not "
+            f"({', '.join(foreign[:5])}); overwriting would delete them. Remove them or choose another destination"
+        )
+
+
 def _write(
     dst: Path,
     cfg: MixtralConfig,
@@ -65,11 +90,13 @@ def _write(
     max_shard_bytes: int,
     tokenizer: TokenizerSource,
     overwrite: bool,
+    source: Path | None = None,
 ) -> None:
     """Write format `fmt` ("hf" or "mistral"), producing each file tensor from `piece(slot)`."""
     if fmt not in ("hf", "mistral"):
         raise ValueError(f"can save format 'hf' or 'mistral', not {fmt!r}")
     check_dtype(dtype)
+    check_destination(dst, overwrite, source)
     if isinstance(tokenizer, (str, Path)) and not Path(tokenizer).exists():
         raise FileNotFoundError(f"tokenizer source {tokenizer} does not exist")
     slots = {s.key: s for s in plan(cfg, fmt)}
@@ -180,4 +207,4 @@ def convert(
         def piece(slot: Slot) -> torch.Tensor:
             return reader.read_piece(slot.ours, slot.expert, check_finite)
 
-        _write(Path(dst), reader.config, to, dtype, piece, max_shard_bytes, src, overwrite)
+        _write(Path(dst), reader.config, to, dtype, piece, max_shard_bytes, src, overwrite, source=src)

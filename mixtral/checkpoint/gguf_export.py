@@ -13,7 +13,7 @@ and the `gguf` package's constants. What it writes, and why:
   multiple of 32 values; a tensor whose rows are not falls back to F16, as convert_hf_to_gguf does.
 - Metadata: the keys convert_hf_to_gguf writes for Mixtral, plus the SentencePiece vocabulary
   (tokenizer model "llama": pieces, scores, token types including byte tokens, BOS/EOS/UNK,
-  add_bos_token true).
+  add_bos_token true) and the Mixtral-Instruct `tokenizer.chat_template`.
 The source is read one parameter at a time (experts gathered into their stack) through
 `CheckpointReader`, validated as for loading, and the file is written atomically (`mixtral.atomic`).
 """
@@ -38,6 +38,7 @@ from mixtral.checkpoint.reader import CheckpointReader, read_config
 from mixtral.checkpoint.table import our_shapes, to_interleaved
 from mixtral.config import MixtralConfig
 from mixtral.errors import ConfigError, TokenizerError
+from mixtral.text.chat_template import CHAT_TEMPLATE
 from mixtral.text.tokenizer import load_tokenizer
 
 QT = gguf.GGMLQuantizationType
@@ -257,6 +258,7 @@ def _add_vocab(
         getattr(writer, f"add_{key}_token_id")(value)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
 
 
 def _token_type(sp: sentencepiece.SentencePieceProcessor, i: int) -> int:

@@ -61,6 +61,7 @@ def load_model(
 ) -> Transformer:
     """Our Transformer with a checkpoint's weights (HF or Mistral format, detected).
 
+    `model.checkpoint_path` records `path` (save_model copies its tokenizer from there).
     `kernels` applies the CPU decode fast paths (`mixtral.kernels.apply_kernels`); they change
     speed, not results (each is tested equal to its torch reference), and step aside for training.
     """
@@ -68,6 +69,7 @@ def load_model(
     model = build_meta(read_config(path)[0])
     _, sd = load_weights(path, dtype, device, check_finite)
     model.load_state_dict(sd, strict=True, assign=True)
+    model.checkpoint_path = Path(path)  # where its tokenizer is, for save_model
     if kernels:
         apply_kernels(model)
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -46,6 +47,10 @@ def _copy_tokenizer(tokenizer: TokenizerSource, out: Path) -> None:
         files = [src] if src.is_file() else [p for pat in TOKENIZER_FILES for p in sorted(src.glob(pat))]
         for f in files:
             shutil.copy2(f, out / f.name)
+        if files:  # what transformers needs beside a bare tokenizer.model, and the chat template
+            from mixtral.text.tokenizer import complete_tokenizer_files
+
+            complete_tokenizer_files(out)
     elif callable(tokenizer):
         tokenizer(out)
     else:
@@ -97,8 +102,13 @@ def _write(
         raise ValueError(f"can save format 'hf' or 'mistral', not {fmt!r}")
     check_dtype(dtype)
     check_destination(dst, overwrite, source)
-    if isinstance(tokenizer, (str, Path)) and not Path(tokenizer).exists():
-        raise FileNotFoundError(f"tokenizer source {tokenizer} does not exist")
+    if isinstance(tokenizer, (str, Path)):
+        if not Path(tokenizer).exists():
+            raise FileNotFoundError(f"tokenizer source {tokenizer} does not exist")
+        if Path(tokenizer).is_file() or any(p for pat in TOKENIZER_FILES for p in Path(tokenizer).glob(pat)):
+            from mixtral.text.tokenizer import load_tokenizer
+
+            load_tokenizer(tokenizer)  # an unreadable tokenizer file is an error before any weight is written
     slots = {s.key: s for s in plan(cfg, fmt)}
 
     def tensors(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> Iterator[torch.Tensor]:
@@ -177,11 +187,20 @@ def save_model(
     """Save our Transformer (its `config` attribute, unless `config` is given) as a checkpoint directory.
 
     `options` are those of `save_weights`: format ("hf" or "mistral"), dtype, max_shard_bytes,
-    tokenizer_src, overwrite.
+    tokenizer_src, overwrite. Without `tokenizer_src`, a model from `load_model` takes the tokenizer
+    of the checkpoint it was loaded from (`model.checkpoint_path`); a model with no known tokenizer is
+    saved without one, with a warning (mixtral.load_tokenizer and transformers need one).
     """
     cfg = config or getattr(model, "config", None)
     if not isinstance(cfg, MixtralConfig):
         raise ValueError("model has no MixtralConfig `config` attribute; pass config=")
+    if options.get("tokenizer_src") is None:
+        source = getattr(model, "checkpoint_path", None)
+        if source is not None and any(p for pattern in TOKENIZER_FILES for p in Path(source).glob(pattern)):
+            options["tokenizer_src"] = Path(source)
+        else:
+            warnings.warn(f"saving {path} without a tokenizer: pass tokenizer_src= (a tokenizer, file or directory)",
+                          stacklevel=2)  # fmt: skip
     save_weights(model.state_dict(), cfg, path, **options)
 
 

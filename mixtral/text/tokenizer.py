@@ -25,6 +25,7 @@ from tokenizers import decoders, normalizers, processors
 from tokenizers.models import BPE
 
 from mixtral.errors import TokenizerError, TokenizerNotFoundError
+from mixtral.text.chat_template import CHAT_TEMPLATE
 
 # Looked for in this order in a model directory; HF names first, then Mistral's versioned names.
 _DIR_CANDIDATES = ("tokenizer.model", "tokenizer.json")
@@ -248,9 +249,14 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike[str]) -> list[Pa
     read a bare .model with protobuf installed (it otherwise misreads it as tiktoken), also
     converted to `tokenizer.json` and checked to encode like the .model. A tokenizer.json source
     is copied verbatim. `tokenizer_config.json` names the class PreTrainedTokenizerFast, which
-    uses tokenizer.json as is; LlamaTokenizer would rebuild the pipeline and drop a space from
-    text that starts with whitespace. `split_special_tokens` keeps "<s>" in text plain, as here.
-    Returns the files written.
+    uses tokenizer.json as is (LlamaTokenizer would rebuild the pipeline and drop a space from
+    text that starts with whitespace), and carries the Mixtral-Instruct `chat_template`
+    (`mixtral.text.chat_template`), so `apply_chat_template` gives mistral-common's ids. For that,
+    transformers must parse the template's `<s>`/`</s>` as control tokens: `split_special_tokens`
+    is false, as in the official Mixtral tokenizer, so in transformers a literal "<s>" typed in
+    user text also becomes BOS (pass `split_special_tokens=True` to the tokenizer call, or
+    `sanitize_control_tokens=True` to `apply_chat_template`, to prevent that). This package's own
+    `Tokenizer` always treats it as text. Returns the files written.
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,12 +278,33 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike[str]) -> list[Pa
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "split_special_tokens": True,
+        "split_special_tokens": False,
+        "chat_template": CHAT_TEMPLATE,
     }
     for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
         (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         written.append(out / name)
     return written
+
+
+def complete_tokenizer_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Make a directory holding some tokenizer file (say only Mistral's tokenizer.model.v1) readable by
+    transformers too: write tokenizer.json, tokenizer_config.json and special_tokens_map.json where
+    missing, and add the chat template to a tokenizer_config.json that has none (one that has a
+    template keeps its own). Returns the files written or changed."""
+    out = Path(directory)
+    if (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file():
+        config_path = out / "tokenizer_config.json"
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"{config_path} is not readable JSON: {e}") from e
+        if not isinstance(config, dict) or config.get("chat_template"):
+            return []
+        config["chat_template"] = CHAT_TEMPLATE
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return [config_path]
+    return save_tokenizer(load_tokenizer(out), out)
 
 
 def _copy(source: Path, target: Path) -> Path:

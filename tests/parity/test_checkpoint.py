@@ -35,9 +35,11 @@ from mixtral.errors import (
     MissingTensorError,
     NonFiniteWeightError,
     ShapeMismatchError,
+    TokenizerError,
     UnexpectedTensorError,
 )
 from mixtral.model import Transformer
+from mixtral.text.tokenizer import default_tokenizer_path
 
 transformers = pytest.importorskip("transformers")
 
@@ -239,9 +241,14 @@ def test_unsupported_load_dtype(hf_dir):
 def test_convert_copies_tokenizer(hf_dir, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(hf_dir[0], src)
-    (src / "tokenizer.model").write_bytes(b"spm")
+    spm = default_tokenizer_path().read_bytes()
+    (src / "tokenizer.model").write_bytes(spm)
     convert(src, tmp_path / "m", to="mistral")
-    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == b"spm"
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == spm
+    (src / "tokenizer.model").write_bytes(b"spm")  # a tokenizer file that cannot be read
+    with pytest.raises(TokenizerError, match="tokenizer.model"):
+        convert(src, tmp_path / "m2", to="mistral")
+    assert not (tmp_path / "m2").exists() and [p.name for p in tmp_path.iterdir()] == ["src", "m"]
 
 
 # ---- bad checkpoints ----------------------------------------------------------------------------

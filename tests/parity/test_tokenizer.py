@@ -292,6 +292,11 @@ def test_save_tokenizer_loads_in_transformers(tmp_path, sp_tok: Tokenizer) -> No
     assert (hf.bos_token_id, hf.eos_token_id) == (sp_tok.bos_id, sp_tok.eos_id)
     for text in SAMPLES.values():
         ids = sp_tok.encode(text)
-        assert hf.encode(text) == ids
-        assert hf.encode(text, add_special_tokens=False) == ids[1:]
+        # Typed "<s>" stays text with split_special_tokens=True (transformers' default here is False,
+        # as in the official Mixtral tokenizer, so that chat templates can emit BOS/EOS as text).
+        assert hf.encode(text, split_special_tokens=True) == ids
+        assert hf.encode(text, add_special_tokens=False, split_special_tokens=True) == ids[1:]
         assert hf.decode(ids, skip_special_tokens=True) == text
+        if "<s>" not in text:
+            assert hf.encode(text) == ids
+    assert hf.encode("<s>", add_special_tokens=False) == [sp_tok.bos_id]

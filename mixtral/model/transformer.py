@@ -247,6 +247,13 @@ class Transformer(nn.Module):
         if cache is not None:
             if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
                 raise ValueError("a KV-cache forward is for inference: run it under torch.no_grad()")
+            c = self.config
+            want = (c.n_layers, c.n_kv_heads, c.head_dim)
+            if (cache.k.shape[0], cache.k.shape[2], cache.k.shape[4]) != want:
+                raise ValueError(
+                    f"cache of shape {list(cache.k.shape)} was allocated for another model: this one needs "
+                    f"[n_layers={c.n_layers}, batch, n_kv_heads={c.n_kv_heads}, slots, head_dim={c.head_dim}]"
+                )
             if cache.k.shape[1] != B:
                 raise ValueError(f"cache was allocated for batch {cache.k.shape[1]}, got batch {B}")
             if cache.k.dtype != self.tok_embeddings.weight.dtype:
@@ -260,5 +267,19 @@ class Transformer(nn.Module):
                 )
         elif T > self.config.max_seq_len:
             raise GenerationError(f"{T} tokens exceed the model context of {self.config.max_seq_len}")
-        if positions is not None and positions.shape != tokens.shape:
-            raise ValueError(f"positions shape {tuple(positions.shape)} must equal tokens shape {(B, T)}")
+        if positions is not None:
+            if positions.shape != tokens.shape or positions.dtype not in (torch.int64, torch.int32):
+                raise ValueError(
+                    f"positions shape {tuple(positions.shape)} ({positions.dtype}) must equal tokens shape "
+                    f"{(B, T)}, integer"
+                )
+            # Position -1 marks padding; a position p is written to cache slot p.
+            limit = cache.max_len if cache is not None else self.config.max_seq_len
+            if not torch.compiler.is_compiling() and (
+                int(positions.min()) < -1 or int(positions.max()) >= limit
+            ):
+                raise GenerationError(
+                    f"positions must lie in [-1, {limit}) (-1 marks padding; {limit} is the "
+                    f"{'cache length' if cache is not None else 'model context'}); got "
+                    f"[{int(positions.min())}, {int(positions.max())}]"
+                )

@@ -167,3 +167,19 @@ def test_cache_dtype_must_match_the_model():
     cache = KVCache.allocate(model.config, 1, 8)  # fp32 by default
     with torch.no_grad(), pytest.raises(ValueError, match="cache was allocated as torch.float32"):
         model(torch.tensor([[1, 2, 3]]), cache=cache)
+
+
+def test_positions_and_a_cache_of_another_model_are_refused_by_name():
+    model = _model(max_seq_len=16).requires_grad_(False)
+    tokens = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(GenerationError, match=r"positions must lie in \[-1, 16\).*\[0, 16\]"):
+        model(tokens, positions=torch.tensor([[0, 16]]))
+    with pytest.raises(GenerationError, match=r"got \[-2, 0\]"):
+        model(tokens, positions=torch.tensor([[-2, 0]]))
+    model(tokens, positions=torch.tensor([[-1, 0]]))  # -1 is padding
+    cache = KVCache.allocate(model.config, 1, 8)
+    with pytest.raises(GenerationError, match=r"\[-1, 8\) \(-1 marks padding; 8 is the cache length\)"):
+        model(tokens, cache=cache, positions=torch.tensor([[7, 8]]))
+    other = KVCache.allocate(_model(n_layers=3).config, 1, 8)
+    with pytest.raises(ValueError, match="allocated for another model.*n_layers=2"):
+        model(tokens, cache=other)

@@ -241,9 +241,9 @@ def analyze_routing(
     traces: dict[str, list[np.ndarray]] = {d: [] for d in data}
     samples: list[TokenSample] = []
     t_start = time.perf_counter()
-    bar = tqdm(
-        total=sum(budget.values()), unit="tok", desc="routing", disable=not progress, dynamic_ncols=True
-    )
+    # The bar counts every real token routed: the budget's batches (the last one whole) and the samples.
+    total = sum(int((positions >= 0).sum()) for _, positions in batches)
+    bar = tqdm(total=total, unit="tok", desc="routing", disable=not progress, dynamic_ncols=True)
     with bar, eval_mode(model):
         for i, router in enumerate(_route_all(model, batches, bar)):
             if i < len(work):

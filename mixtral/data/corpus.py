@@ -38,7 +38,11 @@ from typing import IO, Any
 from mixtral.errors import DataError
 
 TEXT_SEPARATOR = "<|endoftext|>"
-TEXT_SUFFIXES = (".txt", ".md", ".text")
+# Read as plain text, one document per file (or per separator-delimited section): prose and source
+# code, so that `--data code=my/repo` reads a repository's sources.
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst", ".tex", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu",
+                 ".rs", ".go", ".java", ".js", ".ts", ".sh", ".rb", ".php", ".cs", ".kt", ".scala",
+                 ".swift", ".lua", ".jl", ".r", ".sql", ".html", ".css", ".toml", ".yaml", ".yml")  # fmt: skip
 _COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 SPLITS = ("train", "valid")
 
@@ -209,7 +213,9 @@ def _files_below(directory: Path) -> list[Path]:
             continue  # a directory may hold READMEs, licences, ...: only known formats are data
         files.append(p)
     if not files:
-        raise DataError(f"{directory}: no .txt, .md, .jsonl or .parquet files below it")
+        raise DataError(
+            f"{directory}: no text ({', '.join(TEXT_SUFFIXES)}), .jsonl or .parquet files below it"
+        )
     return files
 
 

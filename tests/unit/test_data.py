@@ -479,3 +479,14 @@ def test_train_tokenizer_round_trips_with_byte_fallback(tmp_path, corpus):
     assert again.encode(sample) == tok.encode(sample)
     with pytest.raises(DataError, match="one str"):
         train_tokenizer("corpus.txt", 600, tmp_path / "tok3")
+
+
+def test_a_directory_of_source_code_is_read(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    _write(tmp_path / "pkg" / "mod.py", "def f():\n    return 1\n")
+    _write(tmp_path / "pkg" / "lib.rs", "fn main() {}\n")
+    _write(tmp_path / "pkg" / "data.bin", "skipped")
+    assert [d.text for d in read_documents(tmp_path / "pkg")] == [
+        "fn main() {}\n",
+        "def f():\n    return 1\n",
+    ]

@@ -5,6 +5,7 @@ Layer-by-layer analysis from a checkpoint and the routing command: tests/integra
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections import OrderedDict
@@ -230,3 +231,22 @@ def test_analysis_rejects_bad_arguments():
     for bad in ({"batch_size": 0}, {"n_resamples": 0}, {"sample_tokens": 0}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
             analyze_routing(model, {"x": docs, "y": docs}, seq_len=64, progress=False, **bad)
+
+
+def test_the_progress_bar_ends_exactly_at_its_total(monkeypatch):
+    """A budget that cuts into a batch, plus the coloured samples: the bar counts what is routed."""
+    import mixtral.analysis.routing as routing_mod
+
+    bars = []
+
+    class Recording(routing_mod.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+            bars.append(self)
+
+    monkeypatch.setattr(routing_mod, "tqdm", Recording)
+    cfg = tiny_config()
+    model = Transformer(cfg).eval()
+    data = {"x": random_docs(0, 12, cfg.vocab_size), "y": random_docs(1, 9, cfg.vocab_size)}
+    analyze_routing(model, data, max_tokens=100, seq_len=64, batch_size=3, n_resamples=5, progress=True)
+    assert len(bars) == 1 and bars[0].n == bars[0].total > 200  # 2 x 100 budget tokens and the samples

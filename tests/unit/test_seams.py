@@ -156,6 +156,9 @@ def test_atomic_directory_replaces_only_when_complete(tmp_path):
     with atomic_directory(out, overwrite=True) as tmp:
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's private 0700
 
 
 def test_eval_mode_restores_each_model_also_on_error():

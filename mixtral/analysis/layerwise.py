@@ -28,16 +28,25 @@ class LayerwiseModel:
     """A checkpoint run one layer at a time over a list of batches (see the module docstring)."""
 
     def __init__(
-        self, path: str | Path, dtype: torch.dtype = torch.bfloat16, check_finite: bool = True
+        self,
+        path: str | Path,
+        dtype: torch.dtype = torch.bfloat16,
+        check_finite: bool = True,
+        device: str | torch.device = "cpu",
     ) -> None:
         check_dtype(dtype)
         self.path, self.dtype, self.check_finite = Path(path), dtype, check_finite
+        self.device = torch.device(device)
         self.config = read_config(self.path)[0]
 
     def _load(self, reader: CheckpointReader, prefix: str) -> dict[str, torch.Tensor]:
         return {
-            name.removeprefix(prefix): reader.read(name, self.dtype, check_finite=self.check_finite)
-            for name in reader.shapes
+            name.removeprefix(prefix): reader.read(
+                name,
+                out=torch.empty(shape, dtype=self.dtype, device=self.device),
+                check_finite=self.check_finite,
+            )
+            for name, shape in reader.shapes.items()
             if name.startswith(prefix)
         }
 
@@ -45,8 +54,10 @@ class LayerwiseModel:
     def router_logits(
         self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], progress: bool = False
     ) -> list[torch.Tensor]:
-        """For each (tokens [B, T], positions [B, T]) batch: router logits [L, B, T, E] in fp32."""
+        """For each (tokens [B, T], positions [B, T]) batch: router logits [L, B, T, E] in fp32, on the
+        CPU; the layers and hidden states live on `device`."""
         cfg = self.config
+        batches = [(tokens.to(self.device), positions.to(self.device)) for tokens, positions in batches]
         for tokens, _ in batches:
             if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
@@ -61,6 +72,7 @@ class LayerwiseModel:
                 block.load_state_dict(self._load(reader, f"layers.{i}."), strict=True, assign=True)
                 for b, (_, positions) in enumerate(batches):
                     cos_sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
-                    hidden[b], out[b][i] = block(hidden[b], cos_sin, segment_mask(positions), None)
+                    hidden[b], logits = block(hidden[b], cos_sin, segment_mask(positions), None)
+                    out[b][i] = logits.cpu()
                 block.to("meta")  # frees this layer's weights before the next one loads
         return out

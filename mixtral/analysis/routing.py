@@ -182,9 +182,10 @@ def _route_all(
         bar.update(bar.total - bar.n)
         yield from routers
         return
+    device = next(model.parameters()).device  # batches are built on the CPU; statistics read CPU logits
     with torch.inference_mode():
         for tokens, positions in batches:
-            yield model(tokens, positions=positions, keep_logits=1).router_logits
+            yield model(tokens.to(device), positions=positions.to(device), keep_logits=1).router_logits.cpu()
             bar.update(int((positions >= 0).sum()))
 
 

@@ -1,7 +1,8 @@
 """The `mixtral` command line: one module per command, each a typed function over argparse.
 
 Entry point only: this package (not the library) sets threads, seeds and logging. Every expected
-failure (missing path, bad checkpoint, bad flag value) ends in one `error:` line and exit code 2.
+failure (missing path, bad checkpoint, bad flag value, absent device) ends in one `error:` line and
+exit code 2; a malformed command line (missing argument, unknown flag) gets argparse's usage, exit 2.
 """
 
 from __future__ import annotations
@@ -14,13 +15,30 @@ from collections.abc import Sequence
 import torch
 
 from mixtral.cli import convert, demo, generate, info, instruct, quantize, routing, train
+from mixtral.cli.common import positive_int
 from mixtral.errors import MixtralError
 
 COMMANDS = (info, generate, convert, demo, train, quantize, routing, instruct)  # in --help order
 
 
+class FlagValueError(MixtralError):
+    """A flag's value was refused at parse time (its type function, a choice, a missing value)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a bad value of a named argument is a FlagValueError, which `main` prints as
+    one `error:` line ("argument --top-p: top_p must lie in (0, 1], got 2.0"), instead of the usage.
+    Subcommand parsers are of this class too (add_subparsers makes them with the parent's class)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        failure = sys.exc_info()[1]  # argparse calls error() while handling the ArgumentError, if any
+        if isinstance(failure, argparse.ArgumentError) and failure.argument_name:
+            raise FlagValueError(message)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mixtral",
         description="Mixtral sparse mixture-of-experts models: inspect, generate, chat, convert, train, analyse.",
         epilog="examples:\n  mixtral info mixtral-8x7b\n  mixtral demo\n"
@@ -30,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads", type=positive_int, default=None, help="torch CPU threads, >= 1 (default: torch's choice)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
@@ -39,10 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        args = build_parser().parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         args.func(args)
     except BrokenPipeError:  # e.g. `mixtral generate ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,15 +1,17 @@
-"""What the `mixtral` subcommands share: dtype names, loading a model with its tokenizer, option mapping."""
+"""What the `mixtral` subcommands share: dtype and device names, loading a model with its tokenizer onto
+a device, argparse value checks, option mapping, and reading text that may not be UTF-8."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mixtral.errors import MixtralError
+from mixtral.errors import GenerationError, MixtralError, TokenizerNotFoundError
 from mixtral.inference import GenerationConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -19,30 +21,40 @@ QUANT_TARGETS = ("experts", "attention", "output")  # --quantize compresses ever
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """How to load a model for inference: weight dtype and optional weight-only compression."""
+    """How to load a model for inference: weight dtype, optional weight-only compression, device."""
 
     dtype: str = "fp32"
     quantize: str | None = None
+    device: str = "auto"
 
 
 def load_for_inference(path: str, options: ModelOptions | None = None):
-    """(model in eval mode, tokenizer): the checkpoint's own tokenizer, else the bundled Mixtral one."""
+    """(model in eval mode on the --device, tokenizer): the checkpoint's own tokenizer; the bundled
+    Mixtral one only when the checkpoint has no tokenizer file at all and its vocabulary is the
+    bundled one's size (a tokenizer file that cannot be read is an error naming it). An absent device
+    or path, or a tokenizer problem, is a one-line MixtralError before the weights load."""
     options = options or ModelOptions()
-    from mixtral.checkpoint import load_model
+    from mixtral.checkpoint import load_model, read_config
     from mixtral.text import load_tokenizer
 
+    device = resolve_device(options.device)
     if not Path(path).exists():
         raise MixtralError(f"model path {path!r} does not exist")
-    model = load_model(path, dtype=DTYPES[options.dtype]).eval()
+    try:
+        tok = load_tokenizer(path)
+    except TokenizerNotFoundError:
+        tok, vocab = load_tokenizer(None), read_config(path)[0].vocab_size
+        if vocab != tok.vocab_size:
+            raise MixtralError(
+                f"no tokenizer in {path}, and the model's vocabulary ({vocab}) is not the bundled Mixtral "
+                f"tokenizer's ({tok.vocab_size}): copy the model's tokenizer.model or tokenizer.json there"
+            ) from None
+        print(f"note: no tokenizer in {path}; using the bundled Mixtral tokenizer", file=sys.stderr)
+    model = load_model(path, dtype=DTYPES[options.dtype], device=device).eval()
     if options.quantize:
         from mixtral.quant import quantize_model
 
         quantize_model(model, options.quantize, QUANT_TARGETS)
-    try:
-        tok = load_tokenizer(path)
-    except MixtralError:
-        tok = load_tokenizer(None)
-        print(f"note: no tokenizer in {path}; using the bundled Mixtral tokenizer", file=sys.stderr)
     if tok.vocab_size > model.config.vocab_size:
         raise MixtralError(
             f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}"
@@ -50,9 +62,10 @@ def load_for_inference(path: str, options: ModelOptions | None = None):
     return model, tok
 
 
-def add_device_option(p: argparse.ArgumentParser) -> None:
+def add_device_option(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """--device; `help` replaces the default text (for a command whose auto is not the default rule)."""
     p.add_argument("--device", choices=DEVICES, default="auto",
-                   help="where the model runs: auto (cuda if available, else mps, else cpu), cpu, cuda "
+                   help=help or "where the model runs: auto (cuda if available, else mps, else cpu), cpu, cuda "
                    "(cuda:N via CUDA_VISIBLE_DEVICES) or mps; the CPU decode kernels run only on cpu")  # fmt: skip
 
 
@@ -79,17 +92,88 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def model_options(a: argparse.Namespace) -> ModelOptions:
-    return ModelOptions(dtype=a.dtype, quantize=a.quantize)
+    return ModelOptions(dtype=a.dtype, quantize=a.quantize, device=getattr(a, "device", "auto"))
+
+
+# ---- argparse value checks: `type=` functions, so a bad value fails at parse time naming its flag
+# ("argument --chunk-size: ..."); `mixtral.cli.main` prints that as one `error:` line, exit code 2.
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int_at_least_{low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def generation_field(name: str, convert: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type for a GenerationConfig field: `convert`, then the config's own validation, so
+    the CLI and the library accept the same values (message: "argument --top-p: top_p must lie in ...")."""
+
+    def parse(text: str) -> object:
+        try:
+            value = convert(text)
+        except ValueError:
+            kind = "an integer" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        try:
+            GenerationConfig(**{name: value})
+        except GenerationError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
 def add_sampling_options(p: argparse.ArgumentParser, temperature: float) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--temperature", type=float, default=temperature,
+    p.add_argument("--max-new-tokens", type=generation_field("max_new_tokens", int), default=128,
+                   help="tokens to generate at most, >= 1 (default 128)")  # fmt: skip
+    p.add_argument("--temperature", type=generation_field("temperature", float), default=temperature,
                    help=f"0 = greedy; higher = more random (default {temperature})")  # fmt: skip
-    p.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)"
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--top-p", type=generation_field("top_p", float), default=1.0,
+                   help="nucleus sampling mass in (0, 1] (default 1 = off)")  # fmt: skip
+    p.add_argument("--seed", type=generation_field("seed", int), default=None,
+                   help="seed for reproducible sampling, in [0, 2**63 - 1]")  # fmt: skip
+
+
+# ---- text from argv and stdin that may not be UTF-8 --------------------------------------------
+
+
+class TextCleaner:
+    """Makes command-line and stdin text safe to tokenize: bytes that were not UTF-8 (which Python keeps
+    as lone surrogates U+DC80..U+DCFF) become U+FFFD, with one note on stderr the first time."""
+
+    def __init__(self) -> None:
+        self.noted = False
+
+    def __call__(self, text: str, source: str) -> str:
+        try:
+            text.encode("utf-8")
+            return text
+        except UnicodeEncodeError:
+            pass
+        cleaned = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+        if not self.noted:
+            self.noted = True
+            print(
+                f"note: {source} is not valid UTF-8; undecodable bytes were replaced by U+FFFD",
+                file=sys.stderr,
+            )
+        return cleaned
 
 
 def generation_config(a: argparse.Namespace) -> GenerationConfig:

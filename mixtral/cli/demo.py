@@ -9,7 +9,13 @@ from pathlib import Path
 
 import torch
 
-from mixtral.cli.common import load_for_inference
+from mixtral.cli.common import (
+    ModelOptions,
+    add_device_option,
+    load_for_inference,
+    positive_int,
+    resolve_device,
+)
 from mixtral.cli.info import cmd_info
 
 # One prompt per domain of the bundled corpus.
@@ -51,9 +57,13 @@ def _random_fallback(out: Path) -> Path:
     return out / "random-tiny"
 
 
-def cmd_demo(model_path: str | None, train: bool, out: str, max_new_tokens: int) -> None:
+def cmd_demo(
+    model_path: str | None, train: bool, out: str, max_new_tokens: int, device: str = "auto"
+) -> None:
+    """Generation and the routing analysis run on `device`; `--train` trains on the CPU."""
     from mixtral.inference import generate
 
+    resolve_device(device)  # an absent device fails before any training or loading
     out_dir = Path(out)
     if train:
         from mixtral.train.recipes import get_recipe
@@ -70,7 +80,7 @@ def cmd_demo(model_path: str | None, train: bool, out: str, max_new_tokens: int)
         path = shipped_model() if (shipped_model() / "config.json").exists() else _random_fallback(out_dir)
     print(f"== model: {path} ==")
     cmd_info(str(path))
-    model, tok = load_for_inference(str(path))
+    model, tok = load_for_inference(str(path), ModelOptions(device=device))
     from mixtral import kernels
 
     t0 = time.perf_counter()
@@ -116,5 +126,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="runs/demo",
                    help="where --train writes its run and the routing report goes (default runs/demo)")  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens per prompt (default 40)")
-    p.set_defaults(func=lambda a: cmd_demo(a.model, a.train, a.out, a.max_new_tokens))
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=40, help="tokens per prompt, >= 1 (default 40)"
+    )
+    add_device_option(p, help="where the demo generates: auto (cuda if available, else mps, else cpu), cpu, "
+                      "cuda or mps; --train and the routing report run on the CPU")  # fmt: skip
+    p.set_defaults(func=lambda a: cmd_demo(a.model, a.train, a.out, a.max_new_tokens, a.device))

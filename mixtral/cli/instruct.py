@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import json
 
+from mixtral.cli.common import add_device_option, resolve_device
+
 
 def _train_config(base, overrides: list[str]):
     from mixtral.train.recipes import set_fields
@@ -20,44 +22,59 @@ def _train_config(base, overrides: list[str]):
     return set_fields(base, "train", items)
 
 
+def _held_out(r: dict, what: str) -> str:
+    v = r["data"].get("valid") or {}
+    return f" ({v.get('evaluated')} of {v.get('kept')} held-out {what}, {v.get('evaluated_tokens')} tokens)"
+
+
 def cmd_sft(a: argparse.Namespace) -> None:
     """Fine-tunes MODEL on JSONL records {"messages": [{"role", "content"}, ...]} rendered in the
     Mixtral-Instruct format. Loss only on assistant tokens; the load-balancing and router z-losses
     stay on. Over-long conversations are cut on the right to --max-len; those left with no assistant
-    token are dropped (counted in data.json)."""
+    token are dropped (counted in data.json). Each evaluation reads at most train.eval_max_tokens
+    held-out tokens (0: all)."""
     from mixtral.train.instruct_run import SFT_TRAIN, InstructConfig, run_sft
 
+    device = resolve_device(a.device)
     cfg = _train_config(SFT_TRAIN, a.overrides)
     out = a.out
-    print(f"SFT of {a.model} into {out}/ ({cfg.steps} steps x {cfg.batch_size} conversations)")
-    r = run_sft(a.model, out, a.data, a.valid, cfg, InstructConfig(max_len=a.max_len), resume=a.resume)
+    print(f"SFT of {a.model} into {out}/ on {device} ({cfg.steps} steps x {cfg.batch_size} conversations)",
+          flush=True)  # fmt: skip
+    r = run_sft(a.model, out, a.data, a.valid, cfg, InstructConfig(max_len=a.max_len), resume=a.resume,
+                device=device)  # fmt: skip
     c = r["data"]["train"]
     print(f"data: {c['kept']} of {c['records']} conversations kept ({c['truncated']} truncated, "
           f"{c['dropped']} dropped; max_len {a.max_len})")  # fmt: skip
     if r["valid_loss_before"] is not None:
-        print(f"held-out assistant-token loss {r['valid_loss_before']:.3f} -> {r['valid_loss_after']:.3f}")
+        print(f"held-out assistant-token loss {r['valid_loss_before']:.3f} -> {r['valid_loss_after']:.3f}"
+              + _held_out(r, "conversations"))  # fmt: skip
     print(f"model: {out}/model  curve: {out}/curve.png")
 
 
 def cmd_dpo(a: argparse.Namespace) -> None:
     """DPO (Rafailov et al. 2023) of MODEL on JSONL records {"prompt", "chosen", "rejected"} (strings
     or message lists, as in trl). MODEL is also the frozen reference. Pairs whose prompt plus longer
-    response exceed --max-len are dropped (counted in data.json)."""
+    response exceed --max-len are dropped, and so are pairs whose chosen and rejected responses are
+    identical (both counted in data.json). The reference log-probabilities are computed only for the
+    pairs the run visits and cached in --out."""
     from mixtral.train.instruct_run import DPO_TRAIN, InstructConfig, run_dpo
 
+    device = resolve_device(a.device)
     cfg = _train_config(DPO_TRAIN, a.overrides)
     icfg = InstructConfig(
         max_len=a.max_len, beta=a.beta, label_smoothing=a.label_smoothing, reference=a.reference
     )
-    print(f"DPO of {a.model} into {a.out}/ ({cfg.steps} steps x {cfg.batch_size} pairs, beta {a.beta}, "
-          f"{a.reference} reference)")  # fmt: skip
-    r = run_dpo(a.model, a.out, a.data, a.valid, cfg, icfg, resume=a.resume)
+    print(f"DPO of {a.model} into {a.out}/ on {device} ({cfg.steps} steps x {cfg.batch_size} pairs, "
+          f"beta {a.beta}, {a.reference} reference)", flush=True)  # fmt: skip
+    r = run_dpo(a.model, a.out, a.data, a.valid, cfg, icfg, resume=a.resume, device=device)
     c = r["data"]["train"]
-    print(f"data: {c['kept']} of {c['records']} pairs kept ({c['dropped']} dropped; max_len {a.max_len})")
+    print(f"data: {c['kept']} of {c['records']} pairs kept ({c['dropped']} dropped over max_len {a.max_len}, "
+          f"{c.get('identical', 0)} dropped as chosen == rejected)")  # fmt: skip
     if r["valid_after"]:
         b, f = r["valid_before"], r["valid_after"]
         print(f"held-out: loss {b['loss']:.4f} -> {f['loss']:.4f}, reward accuracy "
-              f"{b['reward_accuracy']:.1%} -> {f['reward_accuracy']:.1%}, margin {f['reward_margin']:.3f}")  # fmt: skip
+              f"{b['reward_accuracy']:.1%} -> {f['reward_accuracy']:.1%}, margin {f['reward_margin']:.3f}"
+              + _held_out(r, "pairs"))  # fmt: skip
     print(f"model: {a.out}/model  curve: {a.out}/curve.png")
     print(json.dumps({k: r[k] for k in ("steps", "valid_before", "valid_after")}))
 
@@ -77,6 +94,7 @@ def _common(p: argparse.ArgumentParser, kind: str, default_cfg) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.FIELD=VALUE",
                    help=f"override a training setting (repeatable; types checked). Defaults: {fields}")  # fmt: skip
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start afresh in --out")
+    add_device_option(p)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -9,7 +9,22 @@ import math
 
 import torch
 
-from mixtral.cli.common import load_for_inference
+from mixtral.cli.common import (
+    QUANT_TARGETS,
+    ModelOptions,
+    add_device_option,
+    int_at_least,
+    load_for_inference,
+    non_negative_int,
+)
+
+
+def target_list(text: str) -> str:
+    """argparse type of --targets: a non-empty comma list of experts, attention, output."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or any(t not in QUANT_TARGETS for t in names):
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(QUANT_TARGETS)}, got {text!r}")
+    return ",".join(names)
 
 
 def _held_out_ppl(model, tok, max_tokens: int) -> float | None:
@@ -35,13 +50,18 @@ def _decode_speed(model, tok, new_tokens: int) -> float:
     return stats.decode_tokens_per_s
 
 
-def cmd_quantize(path: str, storage: str, targets: str, ppl_tokens: int, new_tokens: int) -> None:
+def cmd_quantize(
+    path: str, storage: str, targets: str, ppl_tokens: int, new_tokens: int, device: str = "auto"
+) -> None:
+    """Both models on `device`; the decode kernels that read int8/bf16 storage run on the CPU only, so
+    elsewhere the speed figure is that of torch's dequantise-then-matmul paths."""
     from mixtral.quant import quantize_model
 
-    model, tok = load_for_inference(path)
+    model, tok = load_for_inference(path, ModelOptions(device=device))
     q = quantize_model(copy.deepcopy(model), storage, tuple(t for t in targets.split(",") if t))
     probe = torch.tensor(
-        [tok.encode("def main():\n    print('hello, world')\nLa ville de Paris est", bos=True)]
+        [tok.encode("def main():\n    print('hello, world')\nLa ville de Paris est", bos=True)],
+        device=next(model.parameters()).device,
     )
     with torch.no_grad():
         a, b = model(probe).logits, q(probe).logits
@@ -65,7 +85,7 @@ def cmd_quantize(path: str, storage: str, targets: str, ppl_tokens: int, new_tok
               f"({100 * (p[storage] / p['fp32'] - 1):+.2f}%)")  # fmt: skip
     d = report["decode_tok_s"]
     print(f"  decode batch 1: fp32 {d['fp32']:.1f} tok/s, {storage} {d[storage]:.1f} tok/s "
-          f"({d[storage] / d['fp32']:.2f}x)")  # fmt: skip
+          f"({d[storage] / d['fp32'] if d['fp32'] else math.nan:.2f}x)")  # fmt: skip
     print(json.dumps({k: v for k, v in report.items() if not (isinstance(v, float) and math.isnan(v))}))
 
 
@@ -75,9 +95,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", help="checkpoint directory")
     p.add_argument("--storage", choices=("int8", "bf16"), default="int8")
-    p.add_argument("--targets", default="experts,attention,output",
+    p.add_argument("--targets", type=target_list, default="experts,attention,output",
                    help="comma list of experts, attention, output (default all three)")  # fmt: skip
-    p.add_argument("--ppl-tokens", type=int, default=16384,
+    p.add_argument("--ppl-tokens", type=non_negative_int, default=16384,
                    help="validation tokens per domain for perplexity (0 to skip; needs the model's own tokenizer)")  # fmt: skip
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded for the speed figure")
-    p.set_defaults(func=lambda a: cmd_quantize(a.path, a.storage, a.targets, a.ppl_tokens, a.new_tokens))
+    p.add_argument("--new-tokens", type=int_at_least(2), default=32,
+                   help="tokens generated for the speed figure, >= 2: the first comes from prefill (default 32)")  # fmt: skip
+    add_device_option(p)
+    p.set_defaults(func=lambda a: cmd_quantize(a.path, a.storage, a.targets, a.ppl_tokens, a.new_tokens,
+                                               a.device))  # fmt: skip

@@ -8,6 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from mixtral.atomic import atomic_file
+from mixtral.cli.common import (
+    add_device_option,
+    int_at_least,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+)
 
 DTYPES = ("fp32", "bf16")
 
@@ -42,13 +49,17 @@ def cmd_routing(a: argparse.Namespace) -> None:
     from mixtral.data.domains import load_domains
     from mixtral.text import load_tokenizer
 
+    device = resolve_device(a.device)
     cfg = read_config(a.model)[0]
     parse_layers(a.layers, cfg.n_layers)  # fail on a bad --layers before loading anything
     data = _parse_data(a.data)
     tok = load_tokenizer(a.model)
     domains, source = load_domains(tok, data, a.text_field)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    model = LayerwiseModel(a.model, dtype) if a.layerwise else load_model(a.model, dtype=dtype)
+    if a.layerwise:
+        model = LayerwiseModel(a.model, dtype, device=device)
+    else:
+        model = load_model(a.model, dtype=dtype, device=device)
     analysis = analyze_routing(model, domains, tok, layers=a.layers, max_tokens=a.max_tokens or None,
                                seq_len=min(a.seq_len, cfg.max_seq_len), batch_size=a.batch_size,
                                samples_per_domain=a.samples, n_resamples=a.bootstrap,
@@ -76,12 +87,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text (default text)")
     p.add_argument("--layers", default="first,mid,last",
                    help="layers the figures show: integers, first, mid, last, all (default first,mid,last)")  # fmt: skip
-    p.add_argument("--max-tokens", type=int, default=100_000,
+    p.add_argument("--max-tokens", type=non_negative_int, default=100_000,
                    help="tokens per domain at most (default 100000; 0 = all)")  # fmt: skip
-    p.add_argument("--seq-len", type=int, default=512, help="packed sequence length (default 512)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    p.add_argument("--samples", type=int, default=1, help="coloured text samples per domain (default 1)")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap/permutation resamples (default 200)")
+    p.add_argument("--seq-len", type=int_at_least(2), default=512,
+                   help="packed sequence length, >= 2 (default 512; at most the model's context)")  # fmt: skip
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="sequences per forward pass (default 8)"
+    )
+    p.add_argument("--samples", type=non_negative_int, default=1,
+                   help="coloured text samples per domain (default 1; 0 = none)")  # fmt: skip
+    p.add_argument("--bootstrap", type=positive_int, default=200,
+                   help="bootstrap/permutation resamples, >= 1 (default 200)")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype (bf16 halves memory)")
     p.add_argument("--layerwise", action="store_true",
                    help="hold one layer's weights at a time (for checkpoints larger than memory, e.g. 8x7B: "
@@ -89,5 +105,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-traces", action="store_true",
                    help="also save every token's top-k ids per layer as traces.npz (uint8 [L, N, k] per domain)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_option(p)
     p.add_argument("--out", required=True, help="report directory (created)")
     p.set_defaults(func=cmd_routing)

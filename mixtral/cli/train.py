@@ -6,8 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
+from mixtral.cli.common import add_device_option, resolve_device
 
-def cmd_train(recipe_name: str, overrides: list[str], out: str | None, resume: bool, list_only: bool) -> None:
+
+def cmd_train(
+    recipe_name: str,
+    overrides: list[str],
+    out: str | None,
+    resume: bool,
+    list_only: bool,
+    device: str = "auto",
+) -> None:
     from mixtral.train.recipes import RECIPES, apply_overrides, get_recipe
     from mixtral.train.run import run_recipe
 
@@ -16,20 +25,24 @@ def cmd_train(recipe_name: str, overrides: list[str], out: str | None, resume: b
             print(f"{name:<12} {r.model.total_params / 1e6:6.1f}M total / {r.model.active_params / 1e6:5.1f}M active,"
                   f" {r.train.steps} steps x {r.train.batch_size}x{r.data.seq_len} tokens: {r.description}")  # fmt: skip
         return
+    dev = resolve_device(device)
     recipe = apply_overrides(get_recipe(recipe_name), overrides)
     out_dir = Path(out or f"runs/{recipe.name}")
-    print(f"training recipe {recipe.name!r} into {out_dir}/ (resume={resume})")
-    report = run_recipe(recipe, out_dir, resume=resume)
+    print(f"training recipe {recipe.name!r} into {out_dir}/ on {dev} (resume={resume})", flush=True)
+    report = run_recipe(recipe, out_dir, resume=resume, device=dev)
     ev = report["eval"]
     print(f"done: {report['steps']} steps, {report['tokens_seen']:,} tokens; held-out loss {ev['all/loss']:.3f} "
           f"(ppl {ev['all/ppl']:.1f}); model in {out_dir / 'model'}, curve {out_dir / 'curve.png'}")  # fmt: skip
     print(json.dumps({k: round(v, 4) for k, v in ev.items()}))
 
 
-def cmd_tokenizer_train(out: str, vocab_size: int, inputs: list[str], max_chars: int, seed: int) -> None:
+def cmd_tokenizer_train(
+    out: str, vocab_size: int, inputs: list[str], max_chars: int, seed: int, overwrite: bool = False
+) -> None:
     from mixtral.data.tokenizer_train import train_tokenizer
 
-    tok = train_tokenizer([Path(p) for p in inputs] or None, vocab_size, out, max_chars=max_chars, seed=seed)
+    tok = train_tokenizer([Path(p) for p in inputs] or None, vocab_size, out, max_chars=max_chars, seed=seed,
+                          overwrite=overwrite)  # fmt: skip
     print(f"trained a {tok.vocab_size}-piece SentencePiece BPE tokenizer (byte fallback) into {out}/")
 
 
@@ -43,7 +56,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start afresh even if the run directory holds a checkpoint")  # fmt: skip
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
-    p.set_defaults(func=lambda a: cmd_train(a.recipe, a.overrides, a.out, a.resume, a.list))
+    add_device_option(p)
+    p.set_defaults(func=lambda a: cmd_train(a.recipe, a.overrides, a.out, a.resume, a.list, a.device))
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
         dest="tok_command", required=True
@@ -55,4 +69,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="text/JSONL/Parquet file or directory (repeatable; default: the bundled corpus)")  # fmt: skip
     p.add_argument("--max-chars", type=int, default=8_000_000, help="characters sampled for training")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=lambda a: cmd_tokenizer_train(a.out, a.vocab_size, a.inputs, a.max_chars, a.seed))
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the tokenizer files OUT already holds (refused without this flag)")  # fmt: skip
+    p.set_defaults(
+        func=lambda a: cmd_tokenizer_train(a.out, a.vocab_size, a.inputs, a.max_chars, a.seed, a.overwrite)
+    )

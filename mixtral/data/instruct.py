@@ -14,6 +14,10 @@ fields other than those named here are ignored), the shapes trl uses:
 
 Every malformed record raises `DataError` naming the file and the 1-based line.
 
+Pairs whose chosen and rejected responses are the same tokens teach DPO nothing (its loss is log 2
+with no gradient, whatever the model): `drop_identical_pairs` removes and counts them; the runs in
+`mixtral.train.instruct_run` call it and report the count.
+
 Over-length rule (`max_len` counts every token, BOS included):
 - SFT: a conversation longer than `max_len` is truncated on the right to `max_len` tokens; if no
   assistant token is left as a target, it is dropped.
@@ -22,9 +26,11 @@ Over-length rule (`max_len` counts every token, BOS included):
 
 Batches: `SFTStream` and `PreferenceStream` implement the training loop's `DataStream` protocol.
 Examples follow a permutation drawn from (seed, epoch), reshuffled every epoch, endlessly;
-`state_dict()` is a few integers and `load_state_dict` resumes exactly. `iter_batches` walks the
-examples once, in order (evaluation). Rows are right-padded with token 0, position -1 and no loss;
-positions count 0..n-1 on real tokens (one segment per row, see `mixtral.model`).
+`state_dict()` is a few integers and `load_state_dict` resumes exactly; `upcoming_indices(n)` tells
+which examples the next n draws will be without drawing them. `iter_batches` walks the examples
+once, in order (evaluation), or only the given indices. Rows are right-padded with token 0,
+position -1 and no loss; positions count 0..n-1 on real tokens (one segment per row, see
+`mixtral.model`).
 """
 
 from __future__ import annotations
@@ -198,6 +204,12 @@ def tokenize_preferences(
     return examples, {"records": n, "kept": kept, "truncated": 0, "dropped": n - kept}
 
 
+def drop_identical_pairs(examples: Sequence[PreferenceExample]) -> tuple[list[PreferenceExample], int]:
+    """(the pairs whose chosen and rejected tokens differ, how many were identical and dropped)."""
+    kept = [e for e in examples if not np.array_equal(e.chosen, e.rejected)]
+    return kept, len(examples) - len(kept)
+
+
 # ------------------------------------------------------------------ batching
 
 
@@ -268,6 +280,16 @@ class _ExampleStream(Generic[E]):
                 self.epoch, self.cursor = self.epoch + 1, 0
         return indices
 
+    def upcoming_indices(self, n: int) -> list[int]:
+        """The example indices of the stream's next `n` draws, in order; the stream state is untouched."""
+        if n <= 0:
+            return []
+        epoch, cursor = self.epoch, self.cursor
+        try:
+            return self._next_indices(n)
+        finally:
+            self.epoch, self.cursor = epoch, cursor
+
     def _batch(self, indices: list[int]) -> Any:
         raise NotImplementedError
 
@@ -275,12 +297,14 @@ class _ExampleStream(Generic[E]):
         """The next `batch_size` examples of the endless stream (crossing into the next epoch as needed)."""
         return self._batch(self._next_indices(batch_size))
 
-    def iter_batches(self, batch_size: int) -> Iterator[Any]:
-        """Every example once, in list order, the last batch possibly smaller; the stream state is untouched."""
+    def iter_batches(self, batch_size: int, indices: Sequence[int] | None = None) -> Iterator[Any]:
+        """Every example (or those of `indices`) once, in order, the last batch possibly smaller;
+        the stream state is untouched."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
-        for start in range(0, len(self.examples), batch_size):
-            yield self._batch(list(range(start, min(start + batch_size, len(self.examples)))))
+        order = list(range(len(self.examples))) if indices is None else [int(i) for i in indices]
+        for start in range(0, len(order), batch_size):
+            yield self._batch(order[start : start + batch_size])
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream is, plus the settings that must match on resume."""

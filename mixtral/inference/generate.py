@@ -103,6 +103,8 @@ def prefill(
 ) -> torch.Tensor:
     """Run the prompt through the model in chunks of at most `chunk_size` tokens (so attention never
     materialises a T×T matrix for a long prompt); returns the last position's logits [B, V]."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise GenerationError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     logits = None
     for start in range(0, tokens_BT.shape[1], chunk_size):
         end = start + chunk_size
@@ -131,6 +133,7 @@ def make_decode_step(model: Transformer, cache: KVCache, compile: bool = False) 
     as `load_model` does; plain `SortedDispatch` reads its expert counts on the host, which breaks
     the graph there); if compilation fails the eager step is used, with a warning.
     """
+    model.check_cache(cache)  # the compiled step calls step_cached, which checks nothing
     if not compile:
         return lambda token_B, position_B: decode_one_token(model, token_B, position_B, cache)
     if not cache.static:
@@ -289,8 +292,31 @@ class _TextRow:
         return piece
 
 
+def _check_text(i: int, prompt: str) -> None:
+    """A GenerationError for a prompt that is not encodable text: a lone surrogate, e.g. from bytes that
+    were not UTF-8 (Python keeps them as U+DC80..U+DCFF in argv and stdin), which the tokenizer cannot take."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationError(
+            f"prompt {i} is not valid Unicode text: {prompt[e.start]!r} at index {e.start} is a lone surrogate "
+            "(undecodable input bytes?); decode the input with errors='replace' first"
+        ) from None
+
+
 def _encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            _check_text(i, p)
     return [tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompts]
+
+
+def _check_tokenizer(tokenizer: object) -> None:
+    if not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode")):
+        raise TypeError(
+            f"tokenizer must be a Tokenizer (mixtral.load_tokenizer(path)), got {type(tokenizer).__name__}; "
+            "generate_ids works on token ids without one"
+        )
 
 
 def _text_events(
@@ -302,6 +328,7 @@ def _text_events(
 ) -> tuple[list[_TextRow], Iterator[list[str]]]:
     """The text rows of a request and an iterator driving `generate_ids` that yields each row's newly
     showable text after every step."""
+    _check_tokenizer(tokenizer)
     ids = _encode_prompts(tokenizer, prompts)
     rows = [_TextRow(tokenizer, config.stop, context=prompt_ids) for prompt_ids in ids]
     finished = [False] * len(rows)

@@ -9,6 +9,8 @@ import torch
 
 from mixtral.errors import GenerationError
 
+MAX_SEED = 2**63 - 1  # seeds are non-negative int64s (torch.Generator.manual_seed overflows past 2**64 - 1)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,6 +31,9 @@ class SamplingParams:
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
             raise GenerationError(f"top_p must lie in (0, 1], got {p!r}")
+        s = self.seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED):
+            raise GenerationError(f"seed must be an integer in [0, 2**63 - 1] or None, got {s!r}")
 
     @property
     def greedy(self) -> bool:

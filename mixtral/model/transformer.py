@@ -230,6 +230,22 @@ class Transformer(nn.Module):
             x = x[:, -keep_logits:]
         return ModelOutput(self.output(self.norm(x)), torch.stack(router_logits))
 
+    def check_cache(self, cache: KVCache) -> None:
+        """A GenerationError unless `cache` was allocated for this model's layout and device (a cache of
+        another config would otherwise fail deep in attention, or silently use the wrong layers)."""
+        c = self.config
+        want = (c.n_layers, c.n_kv_heads, c.head_dim)
+        got = (cache.k.shape[0], cache.k.shape[2], cache.k.shape[4]) if cache.k.dim() == 5 else None
+        if got != want or cache.v.shape != cache.k.shape:
+            raise GenerationError(
+                f"the KV cache has shape k {tuple(cache.k.shape)}, v {tuple(cache.v.shape)}, but this model needs "
+                f"[n_layers={c.n_layers}, batch, n_kv_heads={c.n_kv_heads}, max_len + 1, head_dim={c.head_dim}]; "
+                "allocate it with KVCache.allocate(model.config, ...)"
+            )
+        device = self.tok_embeddings.weight.device
+        if cache.k.device != device:
+            raise GenerationError(f"the KV cache is on {cache.k.device} but the model is on {device}")
+
     def _check_inputs(
         self, tokens: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None
     ) -> None:
@@ -247,13 +263,7 @@ class Transformer(nn.Module):
         if cache is not None:
             if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
                 raise ValueError("a KV-cache forward is for inference: run it under torch.no_grad()")
-            c = self.config
-            want = (c.n_layers, c.n_kv_heads, c.head_dim)
-            if (cache.k.shape[0], cache.k.shape[2], cache.k.shape[4]) != want:
-                raise ValueError(
-                    f"cache of shape {list(cache.k.shape)} was allocated for another model: this one needs "
-                    f"[n_layers={c.n_layers}, batch, n_kv_heads={c.n_kv_heads}, slots, head_dim={c.head_dim}]"
-                )
+            self.check_cache(cache)
             if cache.k.shape[1] != B:
                 raise ValueError(f"cache was allocated for batch {cache.k.shape[1]}, got batch {B}")
             if cache.k.dtype != self.tok_embeddings.weight.dtype:

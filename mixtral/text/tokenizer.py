@@ -140,6 +140,13 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (undecodable input bytes): not text to encode
+            raise TokenizerError(
+                f"text holds a lone surrogate {text[e.start]!r} at index {e.start} (undecodable input bytes); "
+                "decode the input with errors='replace'"
+            ) from None
         return [self.bos_id] * bos + self._backend.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -14,7 +14,10 @@ A checkpoint is `run_dir/checkpoints/step-00000123/` holding
 Everything is written into a temporary dot-directory that is renamed into place only after COMMIT is
 on disk, so a run killed mid-save leaves either the previous checkpoints or a complete new one; a
 directory whose COMMIT is missing or disagrees with its files is skipped with a warning on resume.
-Tensors holding NaN/Inf are refused before anything is written. No pickle: tensors go to
+Tensors holding NaN/Inf are refused before anything is written. A save that fails on the way
+(a full disk, any OSError or safetensors error) removes its temporary directory, keeps every
+earlier checkpoint, and raises `CheckpointSaveError` naming the last good one. Tensors are copied
+to the CPU first, so a checkpoint written from any device loads on a CPU. No pickle: tensors go to
 safetensors, everything else to strict JSON. One writer per run directory (rank 0).
 """
 
@@ -35,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -54,6 +58,10 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 # Optimizer state tensors that are elementwise over their parameter (torch's SGD, Adam, AdamW), so
 # their shape must be the parameter's; other optimizers' entries (e.g. factored moments) are unchecked.
 _PER_PARAM_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+class CheckpointSaveError(TrainingError):
+    """Writing a checkpoint failed (disk full, I/O error); earlier checkpoints are intact."""
 
 
 @dataclass
@@ -99,21 +107,31 @@ def save_checkpoint(
     if callable(getattr(getattr(model, "config", None), "to_dict", None)):
         texts[CONFIG] = _to_json(model.config.to_dict(), "model config")
     root = Path(run_dir) / "checkpoints"
-    _remove_debris(root)
     final = root / f"step-{state.step:08d}"
-    with atomic_directory(final, overwrite=True) as tmp:
-        save_file({k: v.cpu() for k, v in model_tensors.items()}, tmp / MODEL, metadata={"format": "pt"})
-        save_file({k: v.cpu() for k, v in opt_tensors.items()}, tmp / OPTIMIZER, metadata={"format": "pt"})
-        save_file(rng_tensors, tmp / RNG, metadata={"format": "pt"})
-        for name, text in texts.items():
-            (tmp / name).write_text(text)
-        files = sorted(p.name for p in tmp.iterdir())
-        for name in files:
-            _fsync(tmp / name)
-        commit = {"version": VERSION, "step": state.step, "files": {n: _sha256(tmp / n) for n in files}}
-        (tmp / COMMIT).write_text(json.dumps(commit, indent=2) + "\n")
-        _fsync(tmp / COMMIT)
-    _fsync(root)  # make the rename itself durable before older checkpoints go
+    try:
+        _remove_debris(root)
+        with atomic_directory(final, overwrite=True) as tmp:
+            save_file({k: v.cpu() for k, v in model_tensors.items()}, tmp / MODEL, metadata={"format": "pt"})
+            save_file(
+                {k: v.cpu() for k, v in opt_tensors.items()}, tmp / OPTIMIZER, metadata={"format": "pt"}
+            )
+            save_file(rng_tensors, tmp / RNG, metadata={"format": "pt"})
+            for name, text in texts.items():
+                (tmp / name).write_text(text)
+            files = sorted(p.name for p in tmp.iterdir())
+            for name in files:
+                _fsync(tmp / name)
+            commit = {"version": VERSION, "step": state.step, "files": {n: _sha256(tmp / n) for n in files}}
+            (tmp / COMMIT).write_text(json.dumps(commit, indent=2) + "\n")
+            _fsync(tmp / COMMIT)
+        _fsync(root)  # make the rename itself durable before older checkpoints go
+    except (OSError, SafetensorError) as e:
+        good = next((p for p in reversed(_step_dirs(root)) if _commit_problem(p) is None), None)
+        last = f"the last good checkpoint is {good}" if good else "no earlier checkpoint exists"
+        raise CheckpointSaveError(
+            f"could not write the checkpoint of step {state.step} to {final} ({e}); {last} "
+            "(free some space, then run the same command again to resume)"
+        ) from e
     _rotate(root, final, keep)
     return final
 
@@ -244,6 +262,23 @@ def _commit_problem(path: Path) -> str | None:
         if _sha256(path / name) != digest:
             return f"{name} does not match the sha256 in {COMMIT} (corrupted or modified)"
     return None
+
+
+def has_checkpoint(run_dir: str | Path) -> int | None:
+    """The step of the newest checkpoint directory with a COMMIT marker (unverified, cheap), or None."""
+    for path in reversed(_step_dirs(Path(run_dir) / "checkpoints")):
+        if (path / COMMIT).is_file():
+            return int(path.name.split("-")[1])
+    return None
+
+
+def checkpoint_id(run_dir: str | Path, step: int) -> str | None:
+    """The sha256 of the model weights of step `step`'s checkpoint, from its COMMIT marker, or None."""
+    try:
+        commit = json.loads((Path(run_dir) / "checkpoints" / f"step-{step:08d}" / COMMIT).read_text())
+        return commit["files"][MODEL]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

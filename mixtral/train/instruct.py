@@ -11,7 +11,8 @@
   β · (log π − log π_ref) for the chosen and rejected responses; the log reports their means,
   the reward accuracy (share of pairs with chosen reward > rejected) and the margin.
 - The reference is either a frozen model run beside the policy, or (the default, half the memory)
-  its log-probabilities precomputed in one pass over the data, looked up by example index.
+  its log-probabilities precomputed in one pass over the examples the run will use (the run
+  entry point caches them in the run directory), looked up by example index.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixtral.eval.lm import to_device
 from mixtral.eval.mode import eval_mode
 from mixtral.train.loop import ObjectiveOutput
 from mixtral.train.pretrain import lm_objective
@@ -63,7 +65,9 @@ def dpo_loss(
 
 
 def pair_logprobs(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen [B], rejected [B], router_logits) of a PreferenceBatch: one forward over its 2B rows."""
+    """(chosen [B], rejected [B], router_logits) of a PreferenceBatch: one forward over its 2B rows
+    (on the model's device)."""
+    batch = to_device(batch, next(model.parameters()).device)
     out = model(batch.inputs, positions=batch.positions)
     logp = sequence_logprobs(out.logits, batch.targets, batch.loss_mask)
     B = batch.index.numel()
@@ -71,14 +75,22 @@ def pair_logprobs(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 @torch.no_grad()
-def reference_logprobs(model: nn.Module, stream, batch_size: int = 8) -> torch.Tensor:
-    """`[N, 2]` (chosen, rejected) log-probs of every example of a PreferenceStream, in one pass."""
+def reference_logprobs(
+    model: nn.Module, stream, batch_size: int = 8, indices=None, progress: bool = False
+) -> torch.Tensor:
+    """`[N, 2]` (chosen, rejected) log-probs (CPU, fp32) of the examples of a PreferenceStream, in one
+    pass: every example, or only those of `indices` (the other rows are NaN)."""
+    from tqdm.auto import tqdm
+
+    wanted = sorted(set(range(len(stream.examples)) if indices is None else map(int, indices)))
     out = torch.full((len(stream.examples), 2), float("nan"))
-    with eval_mode(model):
-        for batch in stream.iter_batches(batch_size):
+    with eval_mode(model), tqdm(total=len(wanted), desc="reference", unit="pair", disable=not progress,
+                                leave=False) as bar:  # fmt: skip
+        for batch in stream.iter_batches(batch_size, wanted):
             chosen, rejected, _ = pair_logprobs(model, batch)
-            out[batch.index, 0], out[batch.index, 1] = chosen.float(), rejected.float()
-    if torch.isnan(out).any():
+            out[batch.index, 0], out[batch.index, 1] = chosen.float().cpu(), rejected.float().cpu()
+            bar.update(batch.index.numel())
+    if torch.isnan(out[wanted]).any():
         raise RuntimeError("reference_logprobs: some examples were never visited")
     return out
 
@@ -101,23 +113,38 @@ class DPOObjective:
             with torch.no_grad():
                 chosen, rejected, _ = pair_logprobs(self.reference, batch)
             return chosen, rejected
-        ref = self.reference[batch.index]
+        index = batch.index.cpu()
+        ref = self.reference[index]
+        if torch.isnan(ref).any():
+            missing = index[torch.isnan(ref).any(-1)].tolist()
+            raise RuntimeError(f"no precomputed reference log-probabilities for examples {missing[:5]}")
+        ref = ref.to(batch.inputs.device)
         return ref[:, 0], ref[:, 1]
 
     def __call__(self, model: nn.Module, batch) -> ObjectiveOutput:
+        batch = to_device(batch, next(model.parameters()).device)
         chosen, rejected, router_logits = pair_logprobs(model, batch)
         ref_chosen, ref_rejected = self.reference_for(batch)
         loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing)
-        return ObjectiveOutput(loss, router_logits, batch.positions >= 0, int(batch.loss_mask.sum()), metrics)
+        real = batch.positions >= 0
+        return ObjectiveOutput(
+            loss, router_logits, real, int(real.sum()), metrics, int(batch.loss_mask.sum())
+        )
 
 
 @torch.no_grad()
-def evaluate_dpo(model: nn.Module, objective: DPOObjective, stream, batch_size: int = 8) -> dict[str, float]:
+def evaluate_dpo(
+    model: nn.Module, objective: DPOObjective, stream, batch_size: int = 8, progress: bool = False
+) -> dict[str, float]:
     """Held-out DPO loss and reward metrics, example-weighted, over a PreferenceStream once."""
+    from tqdm.auto import tqdm
+
     sums: dict[str, float] = {}
     n = 0
+    batches = tqdm(stream.iter_batches(batch_size), total=-(-len(stream.examples) // batch_size), desc="eval",
+                   unit="batch", disable=not progress, leave=False)  # fmt: skip
     with eval_mode(model):
-        for batch in stream.iter_batches(batch_size):
+        for batch in batches:
             out = objective(model, batch)
             b = batch.index.numel()
             for key, value in {"loss": float(out.loss), **out.metrics}.items():

@@ -5,14 +5,21 @@ clipping and accumulation, optional bf16 autocast and activation checkpointing, 
 loss (pooled HF form or per-layer) and router z-loss added to every objective, optional router
 jitter, a NaN/Inf guard that stops before the optimizer step and names where non-finite values
 started, atomic checkpoints with a commit marker, exact resume, JSONL metrics and a progress bar.
+
+Device-agnostic: the loop runs where the model's parameters are (batches are moved there, bf16
+autocast uses that device type) and checkpoints are written from CPU copies, so they load anywhere.
+One writer per run directory (`mixtral.train.rundir.run_lock`); a resume whose TrainConfig differs
+from the checkpoint's is refused unless every change is one of `rundir.SAFE_CHANGES` (warned).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,8 +29,16 @@ import torch
 from torch import nn
 
 from mixtral.errors import TrainingError
-from mixtral.train.checkpoint_io import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from mixtral.eval.lm import to_device
+from mixtral.train.checkpoint_io import (
+    STATE,
+    TrainingState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mixtral.train.losses import BALANCE_FORMS, expert_load, load_balancing_loss, router_z_loss
+from mixtral.train.rundir import check_resume, describe, read_json, run_lock
 
 
 @dataclass(frozen=True)
@@ -35,7 +50,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # clamped to `steps`: a short run needs only train.steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -49,16 +64,16 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200
     save_every: int = 200
+    eval_max_tokens: int = 0  # held-out tokens one evaluation reads at most (0: the whole held-out set)
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(
-                f"train.warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}"
-            )
+        for name in ("warmup_steps", "eval_max_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < train.min_lr <= train.lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.balance not in BALANCE_FORMS:
@@ -75,8 +90,9 @@ class ObjectiveOutput:
     loss: torch.Tensor  # scalar, the objective's own loss (the loop adds balance and z-loss)
     router_logits: torch.Tensor  # [L, B, T, E] from the model's forward(s)
     router_mask: torch.Tensor | None  # [B, T] tokens that count for the router losses
-    tokens: int  # tokens processed (for tokens/s)
+    tokens: int  # real (non-padding) tokens processed: the logged tokens/s and tokens_seen
     metrics: dict[str, float] = field(default_factory=dict)
+    loss_tokens: int | None = None  # tokens the objective's loss is on (SFT: assistant tokens), if counted
 
 
 Objective = Callable[[nn.Module, Any], ObjectiveOutput]
@@ -89,10 +105,11 @@ class DataStream(Protocol):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at `steps`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    """Linear warmup to lr over min(warmup_steps, steps) steps, then cosine decay to min_lr at `steps`."""
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -139,14 +156,17 @@ def _step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    t0, tokens, sums, loads = time.perf_counter(), 0, {"loss": 0.0, "balance": 0.0, "z": 0.0}, []
+    t0, tokens, loss_tokens = time.perf_counter(), 0, 0
+    sums, loads = {"loss": 0.0, "balance": 0.0, "z": 0.0}, []
     top_k = model.config.top_k
+    device = next(model.parameters()).device
     for _ in range(cfg.grad_accum):
         batch = data.next_batch(cfg.batch_size)
         if batch is None:
             raise TrainingError(f"the data stream ran out at step {step}")
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
-        with autocast:
+        batch = to_device(batch, device)
+        bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+        with bf16:
             out = objective(model, batch)
         balance = load_balancing_loss(out.router_logits, top_k, out.router_mask, cfg.balance)
         z = router_z_loss(out.router_logits, out.router_mask)
@@ -156,6 +176,7 @@ def _step(
             raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}, before the update: {where}")
         (loss / cfg.grad_accum).backward()
         tokens += out.tokens
+        loss_tokens += out.tokens if out.loss_tokens is None else out.loss_tokens
         for key, value in (("loss", out.loss), ("balance", balance), ("z", z)):
             sums[key] += float(value.detach()) / cfg.grad_accum
         for key, value in out.metrics.items():
@@ -173,6 +194,7 @@ def _step(
     load = torch.stack(loads).mean(0)  # [L, E]
     seconds = time.perf_counter() - t0
     return {**sums, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "loss_tokens": loss_tokens, "loss_tokens_per_s": loss_tokens / seconds,
             "imbalance": float((load.max(-1).values * load.shape[-1]).mean()),
             "expert_load": [[round(v, 4) for v in row] for row in load.tolist()]}  # fmt: skip
 
@@ -207,16 +229,50 @@ def train(
     stop_after: int | None = None,
 ) -> TrainingState:
     """Train until cfg.steps (or `stop_after` steps, as if killed); resume from run_dir's latest
-    committed checkpoint if there is one. Returns the final state; metrics go to run_dir/metrics.jsonl."""
+    committed checkpoint if there is one. Returns the final state; metrics go to run_dir/metrics.jsonl.
+
+    Holds run_dir's writer lock throughout (RunLockedError if another process writes there). A
+    checkpoint whose TrainConfig differs from `cfg` in anything but `rundir.SAFE_CHANGES` is refused
+    (ResumeMismatchError naming the fields) before any file is touched; safe changes are warned about.
+    """
+    run_dir = Path(run_dir)
+    with run_lock(run_dir) as lock:
+        return _train(model, objective, data, cfg, run_dir, evaluate, resume, progress, stop_after, lock)
+
+
+def _resume_warning(run_dir: Path, step: int, stored: dict, cfg: TrainConfig) -> None:
+    changes = check_resume(stored, {"train": asdict(cfg)}, f"{run_dir} (checkpoint state.json)", step)
+    if not changes:
+        return
+    message = f"resuming {run_dir} at step {step} with changed settings: {describe(changes)}"
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        old = TrainConfig(**{k: v for k, v in stored["train"].items() if k in known})
+    except (TypeError, ValueError):
+        old = None
+    if old is not None and step < cfg.steps and (a := lr_at(step, old)) != (b := lr_at(step, cfg)):
+        message += (
+            f"; the learning rate at step {step} moves from {a:.4g} to {b:.4g} (the schedule follows steps)"
+        )
+    warnings.warn(message, stacklevel=4)
+
+
+def _train(
+    model, objective, data, cfg, run_dir, evaluate, resume, progress, stop_after, lock
+) -> TrainingState:
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(model, cfg)
     state = TrainingState(step=0, tokens_seen=0, scheduler={}, data={}, extra={"train": asdict(cfg)})
     if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+        saved = read_json(ckpt / STATE) or {}
+        stored = (saved.get("extra") or {}).get("train")
+        if isinstance(stored, dict):  # checked before the checkpoint touches the model
+            _resume_warning(run_dir, int(saved.get("step", 0)), {"train": stored}, cfg)
         state = load_checkpoint(ckpt, model, optimizer)
         data.load_state_dict(state.data)
+        state.extra["train"] = asdict(cfg)
+    lock.claim()  # the first write to the run directory
     _configure(model, cfg)
     with _open_log(run_dir, state.step) as log, tqdm(total=cfg.steps, initial=state.step, disable=not progress,
                                                      desc="train", unit="step") as bar:  # fmt: skip
@@ -231,7 +287,9 @@ def train(
             if state.step % cfg.log_every == 0 or "eval" in record or state.step == cfg.steps:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+            )  # all real tokens
             bar.update(1)
             if state.step % cfg.save_every == 0 or state.step == cfg.steps:
                 state.data = data.state_dict()

@@ -14,4 +14,6 @@ def lm_objective(model: nn.Module, batch: PackedBatch) -> ObjectiveOutput:
     out = model(batch.inputs, positions=batch.positions)
     loss = masked_cross_entropy(out.logits, batch.targets, batch.loss_mask)
     real = batch.positions >= 0  # padding takes no part in the router losses
-    return ObjectiveOutput(loss, out.router_logits, real, int(batch.loss_mask.sum()))
+    return ObjectiveOutput(
+        loss, out.router_logits, real, int(real.sum()), loss_tokens=int(batch.loss_mask.sum())
+    )

@@ -1,4 +1,10 @@
-"""Training recipes: small typed configs (model, optimisation, data) and checked `--set key=value` overrides."""
+"""Training recipes: small typed configs (model, optimisation, data) and checked `--set key=value` overrides.
+
+Evaluation settings: `data.eval_batches` x `data.eval_batch_size` sequences per domain at each
+periodic evaluation (every `train.eval_every` steps), and `train.eval_max_tokens` held-out tokens at
+most per evaluation, periodic or final (0: the whole validation split; the `mini` recipes evaluate
+their final model on all of it, `demo` on 64 Ki tokens, `test` on 4 Ki).
+"""
 
 from __future__ import annotations
 
@@ -58,7 +64,7 @@ class Recipe:
 _MINI = MixtralConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=512,
                       n_experts=8, top_k=2, vocab_size=8192, max_seq_len=2048)  # fmt: skip
 _MINI_TRAIN = TrainConfig(steps=3000, batch_size=8, lr=2e-3, min_lr=2e-4, warmup_steps=100,
-                          eval_every=500, save_every=250, log_every=10)  # fmt: skip
+                          eval_every=500, save_every=250, log_every=10, eval_max_tokens=0)  # fmt: skip
 
 
 def _dense(cfg: MixtralConfig) -> MixtralConfig:
@@ -73,13 +79,13 @@ RECIPES: dict[str, Recipe] = {
                          "mini with one dense FFN of equal ACTIVE parameters, on the same tokens"),
     "demo": Recipe("demo", _MINI.replace(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=256),
                    TrainConfig(steps=150, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_every=150,
-                               save_every=50, log_every=10),
+                               save_every=50, log_every=10, eval_max_tokens=65536),
                    DataConfig(seq_len=128, vocab_size=4096, eval_batches=2),
                    "a small SMoE trained in a few minutes, for `mixtral demo --train`"),
     "test": Recipe("test", MixtralConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
                                          n_experts=4, top_k=2, vocab_size=512, max_seq_len=128),
                    TrainConfig(steps=8, batch_size=2, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4,
-                               save_every=4, log_every=1),
+                               save_every=4, log_every=1, eval_max_tokens=4096),
                    DataConfig(seq_len=32, vocab_size=512, eval_batches=1, eval_batch_size=2),
                    "seconds; for tests"),
 }  # fmt: skip

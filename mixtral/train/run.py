@@ -4,12 +4,18 @@
 recipe gives the same model. Output layout in `out_dir`: tokenizer/, checkpoints/, metrics.jsonl,
 model/ (HF format with tokenizer: loads in mixtral.load_model and transformers), eval.json,
 curve.png, recipe.json.
+
+The run holds the directory's writer lock; a resume is checked against recipe.json before anything
+is written (`rundir.check_resume`). The final evaluation reads at most `train.eval_max_tokens`
+held-out tokens (0: the whole validation split), spread evenly over the domains; it is stored in
+eval.json with the final checkpoint's hash and reused when the finished run is opened again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,29 +27,38 @@ from mixtral.data.tokenizer_train import train_tokenizer
 from mixtral.eval.lm import evaluate_lm
 from mixtral.model import Transformer
 from mixtral.text import Tokenizer, load_tokenizer
+from mixtral.train.checkpoint_io import checkpoint_id, has_checkpoint
 from mixtral.train.loop import train
 from mixtral.train.pretrain import lm_objective
 from mixtral.train.recipes import DataConfig, Recipe
+from mixtral.train.rundir import check_resume, describe, note, read_json, run_lock, write_json
 
 
-def prepare_tokenizer(data: DataConfig, out_dir: Path) -> Tokenizer:
-    """The recipe's tokenizer: trained once on the corpus into out_dir/tokenizer, or loaded."""
+def prepare_tokenizer(data: DataConfig, out_dir: Path, progress: bool = False) -> Tokenizer:
+    """The recipe's tokenizer: trained once on the corpus into out_dir/tokenizer (again if the
+    vocabulary size changed), or loaded."""
     if data.tokenizer == "mixtral":
         return load_tokenizer(None)
     if data.tokenizer != "train":
         return load_tokenizer(data.tokenizer)
     tok_dir = out_dir / "tokenizer"
     if (tok_dir / "tokenizer.model").exists():
-        return load_tokenizer(tok_dir / "tokenizer.model")
+        tok = load_tokenizer(tok_dir / "tokenizer.model")
+        if tok.vocab_size == data.vocab_size:
+            return tok
     sources = [Path(item.partition("=")[2]) for item in data.inputs] or None  # None: the bundled corpus
+    note(f"training a {data.vocab_size}-piece tokenizer into {tok_dir}", progress)
     return train_tokenizer(sources, data.vocab_size, tok_dir, overwrite=True)  # the run owns tok_dir
 
 
-def prepare_data(data: DataConfig, tok: Tokenizer, cache: Path) -> tuple[dict, dict]:
-    """(train, valid) tokenized documents per domain, from the bundled corpus or `data.inputs`."""
+def prepare_data(data: DataConfig, tok: Tokenizer, cache: Path, progress: bool = False) -> tuple[dict, dict]:
+    """(train, valid) tokenized documents per domain, from the bundled corpus or `data.inputs`
+    (tokenized once, then read from `cache`)."""
+    from tqdm.auto import tqdm
+
     if data.inputs:
         train_docs, valid_docs = {}, {}
-        for item in data.inputs:
+        for item in tqdm(data.inputs, desc="tokenize", unit="input", disable=not progress, leave=False):
             domain, _, path = item.partition("=")
             docs = list(read_documents(path))
             n_valid = max(1, len(docs) // 50) if len(docs) > 1 else 0  # hold out 2% of documents
@@ -52,8 +67,10 @@ def prepare_data(data: DataConfig, tok: Tokenizer, cache: Path) -> tuple[dict, d
                 valid_docs[domain] = tokenize_documents(docs[:n_valid], tok, cache)
         return train_docs, valid_docs
     corpus = load_corpus()
-    train_docs = {d: tokenize_documents(s.train, tok, cache) for d, s in corpus.items()}
-    valid_docs = {d: tokenize_documents(s.valid, tok, cache) for d, s in corpus.items()}
+    train_docs, valid_docs = {}, {}
+    for d, s in tqdm(corpus.items(), desc="tokenize", unit="domain", disable=not progress, leave=False):
+        train_docs[d] = tokenize_documents(s.train, tok, cache)
+        valid_docs[d] = tokenize_documents(s.valid, tok, cache)
     return train_docs, valid_docs
 
 
@@ -79,32 +96,72 @@ def plot_curve(metrics_path: Path, png: Path, title: str, eval_key: str = "all/l
     fig.savefig(png, dpi=110)
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
-    """Train `recipe` into out_dir (resuming a killed run), export it, and return the final evaluation."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2, default=list))
-    tok = prepare_tokenizer(recipe.data, out)
-    train_docs, valid_docs = prepare_data(recipe.data, tok, out / "cache")
-    cfg = recipe.model.replace(vocab_size=tok.vocab_size)
-    torch.manual_seed(recipe.train.seed)
-    model = Transformer(cfg)
-    stream = PackedStream(train_docs, recipe.data.seq_len, recipe.data.weight_map(), seed=recipe.train.seed)
+def run_recipe(
+    recipe: Recipe,
+    out_dir: str | Path,
+    resume: bool = True,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Train `recipe` into out_dir (resuming a killed run), export it, and return the final evaluation.
 
-    def evaluate(m: Transformer) -> dict[str, float]:
-        return evaluate_lm(
-            m, valid_docs, recipe.data.seq_len, recipe.data.eval_batch_size, recipe.data.eval_batches
+    `device` (default CPU) is where the model trains; the model is built on the CPU first, so a
+    seed gives the same initial weights everywhere. Resuming with settings other than recipe.json's
+    is refused before any file is written, unless every change is safe (`rundir.SAFE_CHANGES`).
+    """
+    out = Path(out_dir)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    settings = json.loads(json.dumps(dataclasses.asdict(recipe), default=list))
+    with run_lock(out) as lock:
+        step = has_checkpoint(out) if resume else None
+        if step is not None:
+            changes = check_resume(read_json(out / "recipe.json"), settings, f"{out} (recipe.json)", step)
+            if other := {k: v for k, v in changes.items() if not k.startswith("train.")}:
+                warnings.warn(f"resuming {out} with changed settings: {describe(other)}", stacklevel=2)
+        lock.claim()
+        write_json(out / "recipe.json", settings)
+        tok = prepare_tokenizer(recipe.data, out, progress)
+        train_docs, valid_docs = prepare_data(recipe.data, tok, out / "cache", progress)
+        cfg = recipe.model.replace(vocab_size=tok.vocab_size)
+        torch.manual_seed(recipe.train.seed)
+        model = Transformer(cfg).to(dev)
+        stream = PackedStream(
+            train_docs, recipe.data.seq_len, recipe.data.weight_map(), seed=recipe.train.seed
+        )
+        seq_len, batch_size, max_tokens = (
+            recipe.data.seq_len,
+            recipe.data.eval_batch_size,
+            recipe.train.eval_max_tokens,
         )
 
-    state = train(model, lm_objective, stream, recipe.train, out, evaluate, resume=resume, progress=progress)
-    final = evaluate_lm(model, valid_docs, recipe.data.seq_len, recipe.data.eval_batch_size, None)
-    report = {"recipe": recipe.name, "steps": state.step, "tokens_seen": state.tokens_seen,
-              "total_params": cfg.total_params, "active_params": cfg.active_params, "eval": final,
-              "valid_tokens": {d: int(v.n_tokens) for d, v in valid_docs.items()}}  # fmt: skip
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
-    save_model(model, out / "model", tokenizer_src=tok, dtype=torch.bfloat16 if cfg.total_params > 5e6 else None,
-               overwrite=True)  # fmt: skip
-    plot_curve(
-        out / "metrics.jsonl", out / "curve.png", f"{recipe.name}: {cfg.active_params / 1e6:.1f}M active"
-    )
+        def evaluate(m: Transformer) -> dict[str, float]:
+            return evaluate_lm(
+                m, valid_docs, seq_len, batch_size, recipe.data.eval_batches, max_tokens, progress
+            )
+
+        state = train(
+            model, lm_objective, stream, recipe.train, out, evaluate, resume=resume, progress=progress
+        )
+        ckpt = checkpoint_id(out, state.step)
+        eval_settings = {"seq_len": seq_len, "eval_batch_size": batch_size, "eval_max_tokens": max_tokens,
+                         "valid_tokens": {d: int(v.n_tokens) for d, v in valid_docs.items()}}  # fmt: skip
+        stored = read_json(out / "eval.json") if resume else None
+        if (isinstance(stored, dict) and ckpt is not None and stored.get("checkpoint") == ckpt
+                and stored.get("eval_settings") == eval_settings and "eval" in stored):  # fmt: skip
+            final = stored["eval"]  # the finished run opened again: its weights were evaluated already
+        else:
+            what = f"at most {max_tokens} tokens" if max_tokens else "the whole validation split"
+            note(f"final evaluation: {what} (train.eval_max_tokens)", progress)
+            final = evaluate_lm(model, valid_docs, seq_len, batch_size, None, max_tokens, progress)
+        report = {"recipe": recipe.name, "steps": state.step, "tokens_seen": state.tokens_seen,
+                  "total_params": cfg.total_params, "active_params": cfg.active_params, "eval": final,
+                  "valid_tokens": eval_settings["valid_tokens"], "checkpoint": ckpt,
+                  "eval_settings": eval_settings}  # fmt: skip
+        write_json(out / "eval.json", report)
+        note(f"exporting {out / 'model'}", progress)
+        save_model(model, out / "model", tokenizer_src=tok, dtype=torch.bfloat16 if cfg.total_params > 5e6 else None,
+                   overwrite=True)  # fmt: skip
+        plot_curve(
+            out / "metrics.jsonl", out / "curve.png", f"{recipe.name}: {cfg.active_params / 1e6:.1f}M active"
+        )
     return report

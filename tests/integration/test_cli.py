@@ -38,7 +38,7 @@ def test_generate_json_and_stream(model_dir, capsys):
     assert len(record["token_ids"]) == 6 and record["prefill_tokens_per_s"] > 0 and "text" in record
     assert main(["generate", str(model_dir), "Hello", "--max-new-tokens", "6", "--stream"]) == 0
     streamed = capsys.readouterr().out
-    assert streamed.strip() == record["text"].strip()
+    assert streamed.strip() == ("Hello" + record["text"]).strip()
 
 
 def test_convert_round_trip(model_dir, tmp_path, capsys):

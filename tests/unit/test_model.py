@@ -181,5 +181,5 @@ def test_positions_and_a_cache_of_another_model_are_refused_by_name():
     with pytest.raises(GenerationError, match=r"\[-1, 8\) \(-1 marks padding; 8 is the cache length\)"):
         model(tokens, cache=cache, positions=torch.tensor([[7, 8]]))
     other = KVCache.allocate(_model(n_layers=3).config, 1, 8)
-    with pytest.raises(ValueError, match="allocated for another model.*n_layers=2"):
+    with pytest.raises(GenerationError, match="KV cache has shape.*n_layers=2"):
         model(tokens, cache=other)

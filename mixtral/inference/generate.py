@@ -20,9 +20,10 @@ import torch
 
 from mixtral.errors import GenerationError
 from mixtral.inference.sampling import SamplingParams, sample
+from mixtral.inference.text import TextRow
 from mixtral.model.cache import KVCache
 from mixtral.model.transformer import Transformer
-from mixtral.text.tokenizer import StreamDecoder, Tokenizer
+from mixtral.text.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -250,48 +251,6 @@ class Generation:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
-class _TextRow:
-    """Incremental text of one row: decodes tokens, finds stop strings, holds back a possible stop prefix."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], context: Sequence[int] = ()) -> None:
-        # The prompt as context: text continues the prompt and keeps a leading space.
-        self.decoder = StreamDecoder(tokenizer, context=context)
-        self.stop = [s for s in stop if s]
-        self.text = ""
-        self.emitted = 0
-        self.ids: list[int] = []
-        self.finish_reason = "length"
-
-    def push(self, token: int, eos_id: int | None) -> bool:
-        """Add a token; True when the row is finished by EOS or a stop string."""
-        self.ids.append(token)
-        if token == eos_id:
-            self.finish_reason = "eos"
-            return True
-        self.text += self.decoder.push(token)
-        window = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
-        hits = [i for s in self.stop if (i := self.text.find(s, window)) >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.finish_reason = "stop"
-            return True
-        return False
-
-    def take(self, final: bool) -> str:
-        """Text that is safe to show now (everything, when final)."""
-        if final and self.finish_reason == "length":
-            self.text += self.decoder.flush()
-        end = len(self.text)
-        if not final:
-            for s in self.stop:  # hold back a tail that could still grow into a stop string
-                for n in range(min(len(s) - 1, len(self.text)), 0, -1):
-                    if self.text.endswith(s[:n]):
-                        end = min(end, len(self.text) - n)
-                        break
-        piece, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
-        return piece
-
-
 def _check_text(i: int, prompt: str) -> None:
     """A GenerationError for a prompt that is not encodable text: a lone surrogate, e.g. from bytes that
     were not UTF-8 (Python keeps them as U+DC80..U+DCFF in argv and stdin), which the tokenizer cannot take."""
@@ -325,12 +284,12 @@ def _text_events(
     prompts: Sequence[str | Sequence[int]],
     config: GenerationConfig,
     stats: GenerationStats,
-) -> tuple[list[_TextRow], Iterator[list[str]]]:
+) -> tuple[list[TextRow], Iterator[list[str]]]:
     """The text rows of a request and an iterator driving `generate_ids` that yields each row's newly
     showable text after every step."""
     _check_tokenizer(tokenizer)
     ids = _encode_prompts(tokenizer, prompts)
-    rows = [_TextRow(tokenizer, config.stop, context=prompt_ids) for prompt_ids in ids]
+    rows = [TextRow(tokenizer, config.stop, context=prompt_ids) for prompt_ids in ids]
     finished = [False] * len(rows)
 
     def should_stop(b: int, token: int) -> bool:

@@ -57,27 +57,40 @@ class KVCache:
 class LayerCache:
     """One layer's cache as attention sees it: new keys/values go to `slots_BT`, reads cover [0, attend).
 
-    k, v [B, KV, S + 1, hd] are views into a `KVCache` (or any buffers of that shape); slots_BT [B, T]
-    is each new token's slot (its position, or S for padding). Holds no Python state that changes
-    between decode steps, so a compiled step captures it as plain tensors and one integer.
+    k, v [R, KV, S + 1, hd] are views into a `KVCache` (or any buffers of that shape); slots_BT [B, T]
+    is each new token's slot (its position, or S for padding). `rows_B` None: the batch is the
+    buffer's rows (B = R); else batch row b lives in buffer row rows_B[b] (a serving engine runs a
+    few of its fixed rows per step). Holds no Python state that changes between decode steps, so a
+    compiled step captures it as plain tensors and one integer.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     slots_BT: torch.Tensor
     attend: int
+    rows_B: torch.Tensor | None = None
 
     @classmethod
     def for_layers(
-        cls, k_LBHSd: torch.Tensor, v_LBHSd: torch.Tensor, positions_BT: torch.Tensor, attend: int
+        cls,
+        k_LRHSd: torch.Tensor,
+        v_LRHSd: torch.Tensor,
+        positions_BT: torch.Tensor,
+        attend: int,
+        rows_B: torch.Tensor | None = None,
     ) -> list[LayerCache]:
         """One view per layer; padding (position < 0) is written into the spare last slot."""
-        slots_BT = torch.where(positions_BT < 0, k_LBHSd.shape[3] - 1, positions_BT)
-        return [cls(k_LBHSd[i], v_LBHSd[i], slots_BT, attend) for i in range(k_LBHSd.shape[0])]
+        slots_BT = torch.where(positions_BT < 0, k_LRHSd.shape[3] - 1, positions_BT)
+        return [cls(k_LRHSd[i], v_LRHSd[i], slots_BT, attend, rows_B) for i in range(k_LRHSd.shape[0])]
 
     def update(self, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values at their slots; all keys/values to attend, [B, KV, attend, hd]."""
-        index = self.slots_BT[:, None, :, None].expand_as(k_BHTd)
-        k = self.k.scatter_(2, index, k_BHTd)[:, :, : self.attend]
-        v = self.v.scatter_(2, index, v_BHTd)[:, :, : self.attend]
-        return k, v
+        if self.rows_B is None:
+            index = self.slots_BT[:, None, :, None].expand_as(k_BHTd)
+            k = self.k.scatter_(2, index, k_BHTd)[:, :, : self.attend]
+            v = self.v.scatter_(2, index, v_BHTd)[:, :, : self.attend]
+            return k, v
+        rows_BT = self.rows_B[:, None].expand_as(self.slots_BT)
+        self.k[rows_BT, :, self.slots_BT] = k_BHTd.transpose(1, 2)  # indexed [B, T, KV, hd]
+        self.v[rows_BT, :, self.slots_BT] = v_BHTd.transpose(1, 2)
+        return self.k[self.rows_B, :, : self.attend], self.v[self.rows_B, :, : self.attend]

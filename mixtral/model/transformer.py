@@ -202,10 +202,12 @@ class Transformer(nn.Module):
         v_cache: torch.Tensor,
         attend: int,
         keep_logits: int | None = None,
+        rows: torch.Tensor | None = None,
     ) -> ModelOutput:
         """One cached forward with no Python state: the unit torch.compile captures for decoding.
-        Writes k/v at slot = position (padding, position -1, into the spare last slot)."""
-        caches = LayerCache.for_layers(k_cache, v_cache, positions, attend)
+        Writes k/v at slot = position (padding, position -1, into the spare last slot); `rows` [B]
+        names the cache rows of the batch's rows (None: the cache's rows are the batch)."""
+        caches = LayerCache.for_layers(k_cache, v_cache, positions, attend, rows)
         return self.step(tokens, positions, cache_mask(positions, attend), caches, keep_logits)
 
     def step(

@@ -11,7 +11,7 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,serve]"
 # Build the C++ decode kernels now (about a minute, once per machine and kernel version) rather than
 # in the middle of the first command; without a compiler everything still runs on torch's paths.
 .venv/bin/python -m mixtral.kernels || echo "note: continuing without the CPU kernels" >&2

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
-from mixtral.cli import convert, demo, generate, info, instruct, quantize, routing, train
+from mixtral.cli import convert, demo, generate, info, instruct, quantize, routing, serve, train
 from mixtral.cli.common import positive_int
 from mixtral.errors import MixtralError
 
-COMMANDS = (info, generate, convert, demo, train, quantize, routing, instruct)  # in --help order
+COMMANDS = (info, generate, serve, convert, demo, train, quantize, routing, instruct)  # in --help order
 
 
 class FlagValueError(MixtralError):

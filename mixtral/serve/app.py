@@ -88,8 +88,7 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
+        param = param_name(first.get("loc", ()))
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
         else:
@@ -252,6 +251,21 @@ def create_app(
         yield "data: [DONE]\n\n"
 
     return app
+
+
+_TYPE_TAG = ("str", "int", "float", "bool", "list", "dict", "none")
+
+
+def param_name(loc) -> str | None:
+    """A pydantic error location as OpenAI names parameters: "messages.[0].role"; the union member
+    tags pydantic appends ("str", "list[int]", ...) and the leading "body" are dropped."""
+    parts = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item != "body" and not (item in _TYPE_TAG or "[" in item or item.startswith("function-")):
+            parts.append(item)
+    return ".".join(parts) or None
 
 
 def _object(meta: dict, chat: bool) -> dict:

@@ -192,7 +192,7 @@ def chat_jobs(r: ChatRequest, tok: Tokenizer, max_model_len: int) -> tuple[list[
     for i, m in enumerate(r.messages):
         content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
         if m.role != "system" and not content:
-            raise ApiError(400, f"messages[{i}].content must not be empty", f"messages[{i}].content")
+            raise ApiError(400, f"messages.[{i}].content must not be empty", f"messages.[{i}].content")
         messages.append({"role": m.role, "content": content})
     if messages[-1]["role"] != "user":
         raise ApiError(400, "the last message must be a user message", "messages")

@@ -201,6 +201,10 @@ def create_app(
                         out = await asyncio.wait_for(queue.get(), timeout=0.05 if len(pending) > 1 else 0.5)
                     except TimeoutError:
                         continue
+                    if isinstance(out, Exception):
+                        del pending[i]
+                        raise ApiError(500, f"the engine failed: {type(out).__name__}: {out}", None, "internal_error",
+                                       type="server_error")  # fmt: skip
                     states[i].add(out)
                     if out.finish_reason:
                         del pending[i]
@@ -216,9 +220,9 @@ def create_app(
 
         async def forward(i: int, queue: asyncio.Queue) -> None:
             while True:
-                out: RequestOutput = await queue.get()
+                out: RequestOutput | Exception = await queue.get()
                 await merged.put((i, out))
-                if out.finish_reason:
+                if isinstance(out, Exception) or out.finish_reason:
                     return
 
         tasks = [asyncio.create_task(forward(i, q)) for i, q in enumerate(queues)]
@@ -230,6 +234,9 @@ def create_app(
                     yield _sse(chunk(meta, s, None, first=True))
             while open_choices:
                 i, out = await merged.get()
+                if isinstance(out, Exception):
+                    open_choices.discard(i)
+                    raise out
                 states[i].add(out)
                 yield _sse(chunk(meta, states[i], out))
                 if out.finish_reason:

@@ -70,7 +70,8 @@ class EngineRunner:
         self, request_id: str, prompt: list[int], config: GenerationConfig, **options
     ) -> asyncio.Queue:
         """Add a request (raising the engine's GenerationError / QueueFullError); its outputs arrive
-        on the returned queue, the last one with a finish_reason."""
+        on the returned queue, the last one with a finish_reason (or an Exception if the engine
+        failed while running it)."""
         queue: asyncio.Queue = asyncio.Queue()
         subscriber = _Subscriber(queue, asyncio.get_running_loop(), time.perf_counter())
 
@@ -111,20 +112,35 @@ class EngineRunner:
         while not self._stop:
             with self._lock:
                 busy = self.engine.has_unfinished()
-                outputs = self.engine.step() if busy else []
+                try:
+                    outputs = self.engine.step() if busy else []
+                except Exception as e:  # every request in flight gets the error; the server goes on
+                    deliveries = self._fail_all(e)
+                    outputs = []
+                else:
+                    deliveries = [(self._subscribers.get(o.request_id), o) for o in outputs]
                 self._update_gauges()
-                deliveries = [(self._subscribers.get(o.request_id), o) for o in outputs]
                 for o in outputs:
                     if o.finish_reason:
                         self._subscribers.pop(o.request_id, None)
             now = time.perf_counter()
             for subscriber, out in deliveries:
                 if subscriber is not None:
-                    self._observe(subscriber, out, now)
+                    if isinstance(out, RequestOutput):
+                        self._observe(subscriber, out, now)
                     subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, out)
             if not busy:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
+
+    def _fail_all(self, error: Exception) -> list[tuple[_Subscriber, Exception]]:
+        """Abort every request (their rows are freed) and hand each subscriber the error."""
+        for rid in [*self.engine.waiting, *self.engine.running]:
+            self.engine.abort(rid)
+            self.metrics.requests.labels("error").inc()
+        failed = [(s, error) for s in self._subscribers.values()]
+        self._subscribers.clear()
+        return failed
 
     def _observe(self, subscriber: _Subscriber, out: RequestOutput, now: float) -> None:
         m = self.metrics

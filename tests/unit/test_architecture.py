@@ -129,6 +129,7 @@ ALLOWED = {
     "eval": {"model", "text", "data", "inference"},
     "train": {"model", "checkpoint", "text", "data", "eval", "atomic"},
     "analysis": {"model", "checkpoint", "text", "data", "eval", "atomic"},
+    "serve": {"inference", "text"},  # never model/ or torch: the engine is behind inference/
 }
 
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,12 +39,15 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "mixtral", "--threads", "1", "serve", str(MINI), "--port", str(self.port),
                "--served-model-name", "mini", *args]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # A file, not a pipe: an unread pipe that fills up would stall the server.
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the process)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stdout.read()}")
+                self.log.seek(0)
+                raise RuntimeError(f"the server exited: {self.log.read()[-3000:]}")
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv with the CPU build of torch first (a bare `torch>=` requirement would otherwise pull a
-# multi-GB CUDA build), then install this package with its test and transformers extras. Idempotent.
+# multi-GB CUDA build), then install this package with its dev (tests, transformers, clients) and serve extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}

@@ -9,8 +9,15 @@ and the `gguf` package's constants. What it writes, and why:
   (2k, 2k+1), the Meta/Mistral layout. Our rows use HF's rotate-half layout, so wq/wk rows are
   permuted with `mixtral.checkpoint.table.to_interleaved` (the same permutation as convert_hf_to_gguf's
   `LlamaModel.permute`); every other tensor is copied as is.
-- Types: norms (1-D) and the router always F32, everything else `outtype`. A Q8_0 row must be a
-  multiple of 32 values; a tensor whose rows are not falls back to F16, as convert_hf_to_gguf does.
+- Types: norms (1-D) and the router always F32, everything else `outtype`, except that with Q8_0 or
+  Q4_0 the token embedding stays F32 (our quantized models keep it float: a lookup reads one row per
+  token). A Q8_0/Q4_0 row must be a multiple of 32 values; a tensor whose rows are not falls back to
+  F16, as convert_hf_to_gguf does.
+- Quantized sources (`mixtral quantize` checkpoints with groups of 32): the stored int4/int8 values
+  and fp16 scales are copied into Q4_0/Q8_0 blocks without re-quantizing (our group-32 format is
+  ggml's block with the scale kept apart), matrices the checkpoint keeps float are written F32:
+  llama.cpp then multiplies exactly the weights we do. Float sources exported as q4_0/q8_0 are
+  quantized by gguf-py's port of ggml's reference quantizer, which gives the same bytes as ours.
 - Metadata: the keys convert_hf_to_gguf writes for Mixtral, plus the SentencePiece vocabulary
   (tokenizer model "llama": pieces, scores, token types including byte tokens, BOS/EOS/UNK,
   add_bos_token true) and the Mixtral-Instruct `tokenizer.chat_template`.
@@ -27,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece
 import torch
+from tqdm.auto import tqdm
 
 try:
     import gguf
@@ -34,6 +42,7 @@ except ModuleNotFoundError as e:  # an optional extra
     raise ModuleNotFoundError("GGUF export needs the gguf package: pip install 'mixtral[gguf]'") from e
 
 from mixtral.atomic import atomic_file
+from mixtral.checkpoint.quantized import QuantizedReader, QuantLayout, quant_layout
 from mixtral.checkpoint.reader import CheckpointReader, read_config
 from mixtral.checkpoint.table import our_shapes, to_interleaved
 from mixtral.config import MixtralConfig
@@ -47,7 +56,9 @@ OUTTYPES: dict[str, tuple[QT, gguf.LlamaFileType]] = {
     "f32": (QT.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (QT.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
+_QUANTIZED = (QT.Q8_0, QT.Q4_0)
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]  # "llama"
 # llama.cpp's limits (src/llama-hparams.h of the build llama-cpp-python 0.3.36 vendors; older builds
 # allow 160-512 experts). It reads expert_count <= 1 as a dense model.
@@ -89,8 +100,13 @@ class TensorSpec:
         return int(np.prod(self.shape)) // block * size
 
 
-def gguf_tensor_specs(cfg: MixtralConfig, outtype: str = "f32") -> list[TensorSpec]:
-    """Every tensor the GGUF file holds for this config, in file order (our table's order)."""
+def gguf_tensor_specs(
+    cfg: MixtralConfig, outtype: str = "f32", layout: QuantLayout | None = None
+) -> list[TensorSpec]:
+    """Every tensor the GGUF file holds for this config, in file order (our table's order).
+
+    `layout`: that of a quantized source, whose quantized matrices keep their blocks and whose float
+    matrices are written F32."""
     qtype = _outtype(outtype)[0]
     specs = []
     for ours, shape in our_shapes(cfg).items():
@@ -99,8 +115,12 @@ def gguf_tensor_specs(cfg: MixtralConfig, outtype: str = "f32") -> list[TensorSp
         name = gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight"
         if len(shape) == 1 or kind in _ALWAYS_F32:
             t = QT.F32
-        elif qtype == QT.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[QT.Q8_0][0]:
-            t = QT.F16  # rows that do not fill Q8_0 blocks: convert_hf_to_gguf's fallback
+        elif layout is not None:
+            t = qtype if layout.quantizes(ours) else QT.F32
+        elif qtype in _QUANTIZED and kind == T.TOKEN_EMBD:
+            t = QT.F32
+        elif qtype in _QUANTIZED and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            t = QT.F16  # rows that do not fill Q8_0/Q4_0 blocks: convert_hf_to_gguf's fallback
         else:
             t = qtype
         rope = getattr(cfg, _ROPE[kind]) if kind in _ROPE else None
@@ -111,14 +131,16 @@ def gguf_tensor_specs(cfg: MixtralConfig, outtype: str = "f32") -> list[TensorSp
 def export_gguf(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
-    outtype: str = "f32",
+    outtype: str | None = None,
     *,
     tokenizer: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Write checkpoint directory `src` (HF or Mistral format) as the GGUF file `dst`; returns `dst`.
 
-    `outtype`: "f32", "f16" or "q8_0" for the matrices (norms and router stay F32). `tokenizer`: a
+    `outtype`: "f32", "f16", "q8_0" or "q4_0" for the matrices (norms and router stay F32); None:
+    f32, or for a quantized source the type of its blocks (q4_0 for int4, q8_0 for int8). `tokenizer`: a
     SentencePiece model file or a directory holding one; None uses the one in `src`. Memory is
     about one parameter (one layer's stacked experts) beyond the output buffers. Raises
     FileNotFoundError (no `src`), FileExistsError (`dst` exists, overwrite False), ValueError
@@ -126,9 +148,24 @@ def export_gguf(
     loader's typed CheckpointErrors; a failed export leaves no file behind.
     """
     src, dst = Path(src), Path(dst)
-    ftype = _outtype(outtype)[1]
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such checkpoint directory")
+    layout = quant_layout(src)
+    if layout is not None:
+        if layout.group != 32:
+            raise ConfigError(
+                f"{src} is quantized {layout.storage}; GGUF's Q4_0/Q8_0 blocks hold 32 values per scale, so "
+                "only a checkpoint quantized with --group 32 exports as its own blocks (export the float "
+                "checkpoint with --outtype q4_0 or q8_0 instead)"
+            )
+        native = "q4_0" if layout.bits == 4 else "q8_0"
+        if outtype not in (None, native):
+            raise ConfigError(
+                f"{src} holds {layout.storage} weights, which export as {native}, not {outtype}"
+            )
+        outtype = native
+    outtype = outtype or "f32"
+    ftype = _outtype(outtype)[1]
     if dst.is_dir():
         raise IsADirectoryError(f"{dst} is a directory; pass the path of the .gguf file to write")
     if dst.exists() and not overwrite:
@@ -140,9 +177,10 @@ def export_gguf(
     cfg, _ = read_config(src)
     check_representable(cfg)
     vocab = _vocab(tokenizer if tokenizer is not None else src, cfg.vocab_size)
-    specs = gguf_tensor_specs(cfg, outtype)
+    specs = gguf_tensor_specs(cfg, outtype, layout)
     # Every header check the loader runs, before writing anything.
-    with CheckpointReader(src) as reader, atomic_file(dst) as tmp:
+    opened = QuantizedReader(src) if layout is not None else CheckpointReader(src)
+    with opened as reader, atomic_file(dst) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             _add_hparams(writer, cfg, ftype, name=src.resolve().name)
@@ -152,7 +190,10 @@ def export_gguf(
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for spec in specs:
+            for spec in tqdm(specs, desc=f"GGUF {outtype}", unit="tensor", disable=not progress):
+                if layout is not None:
+                    writer.write_tensor_data(_stored(reader, spec, layout, cfg.n_experts))
+                    continue
                 w = reader.read(spec.ours, dtype=torch.float32)
                 if spec.rope_heads:
                     w = to_interleaved(w, spec.rope_heads)
@@ -279,3 +320,31 @@ def _encode(w: np.ndarray, spec: TensorSpec) -> np.ndarray:
     if spec.qtype == QT.F16 and not np.isfinite(data).all():
         raise ValueError(f"{spec.ours} overflows float16 (|w| max {np.abs(w).max():.3g}); export f32 or q8_0")
     return data
+
+
+def _blocks(q: torch.Tensor, scales: torch.Tensor, bits: int) -> np.ndarray:
+    """ggml Q4_0/Q8_0 blocks (fp16 scale, then the 16 or 32 quant bytes) of our group-32 rows [N, ...]."""
+    n, nb = scales.shape
+    qb = q.contiguous().view(torch.uint8).reshape(n, nb, 16 if bits == 4 else 32)
+    sb = scales.contiguous().view(torch.uint8).reshape(n, nb, 2)
+    return torch.cat([sb, qb], dim=-1).reshape(n, -1).numpy()
+
+
+def _stored(reader: QuantizedReader, spec: TensorSpec, layout: QuantLayout, n_experts: int) -> np.ndarray:
+    """One GGUF tensor from a quantized checkpoint: its blocks as stored, or its float values as F32."""
+    if not layout.quantizes(spec.ours):
+        w = reader.read(spec.ours).float()
+        return (to_interleaved(w, spec.rope_heads) if spec.rope_heads else w).numpy()
+    if ".experts." in spec.ours:  # stacked [E, N, row bytes], one expert at a time
+        layer = int(spec.ours.split(".")[1])
+        part = spec.ours.rsplit(".", 1)[1]
+        out = []
+        for e in range(n_experts):
+            t = reader.read_expert(layer, e)
+            out.append(_blocks(t[f"q{part}"], t[f"s{part}"], layout.bits))
+        return np.stack(out)
+    base = spec.ours.removesuffix(".weight")
+    q, s = reader.read(f"{base}.qweight"), reader.read(f"{base}.scales")
+    if spec.rope_heads:
+        q, s = to_interleaved(q, spec.rope_heads), to_interleaved(s, spec.rope_heads)
+    return _blocks(q, s, layout.bits)

@@ -59,17 +59,22 @@ def load_model(
     check_finite: bool = True,
     kernels: bool = True,
 ) -> Transformer:
-    """Our Transformer with a checkpoint's weights (HF or Mistral format, detected).
+    """Our Transformer with a checkpoint's weights (HF, Mistral or our quantized format, detected).
 
     `model.checkpoint_path` records `path` (save_model copies its tokenizer from there).
     `kernels` applies the CPU decode fast paths (`mixtral.kernels.apply_kernels`); they change
     speed, not results (each is tested equal to its torch reference), and step aside for training.
     """
     check_dtype(dtype)
-    model = build_meta(read_config(path)[0])
-    _, sd = load_weights(path, dtype, device, check_finite)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.checkpoint_path = Path(path)  # where its tokenizer is, for save_model
+    from mixtral.checkpoint.quantized import load_quantized, quant_layout  # it builds on this module
+
+    if quant_layout(path) is not None:  # int4/int8 weights as `mixtral quantize` stored them
+        model = load_quantized(path, dtype, device, check_finite)
+    else:
+        model = build_meta(read_config(path)[0])
+        _, sd = load_weights(path, dtype, device, check_finite)
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.checkpoint_path = Path(path)  # where its tokenizer is, for save_model
     if kernels:
         apply_kernels(model)
     return model

@@ -60,6 +60,12 @@ class CheckpointReader:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         cfg, fmt, files = _detect(self.path)
+        if fmt == "hf" and "quantization_config" in read_json(self.path / "config.json"):
+            raise FormatError(
+                f"{self.path} is a quantized checkpoint (config.json has a quantization_config): load_model "
+                "and every mixtral command load it, and it exports to GGUF; it cannot be converted to a float "
+                "HF or Mistral checkpoint"
+            )
         self._shards = ShardSet.from_index(files) if isinstance(files, Path) else ShardSet(files)
         if fmt == "hf" and any(k.endswith("mlp.experts.gate_up_proj") for k in self._shards.entries):
             fmt = "hf-fused"

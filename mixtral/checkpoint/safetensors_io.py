@@ -33,6 +33,8 @@ _ITEMSIZE = {
 # The dtypes weights may have on disk and in memory; anything else (int8 quantized, fp8) is refused.
 TORCH_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ST_DTYPES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+# What we write: the weight dtypes plus the integer storage of quantized checkpoints.
+WRITE_DTYPES: dict[torch.dtype, str] = {**ST_DTYPES, torch.int8: "I8", torch.uint8: "U8"}
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
@@ -52,13 +54,14 @@ class TensorEntry:
     dtype: str  # safetensors spelling: "BF16", "F32", ...
     shape: tuple[int, ...]
     file: Path
+    offset: int = 0  # where its data starts in the file (bytes from the file's start)
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * _ITEMSIZE[self.dtype]
 
 
-def _header_entry(path: Path, name: str, info: Any) -> tuple[TensorEntry, int, int]:
+def _header_entry(path: Path, name: str, info: Any, data_start: int = 0) -> tuple[TensorEntry, int, int]:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise CorruptFileError(
             f"{path.name}: header entry for tensor {name!r} lacks dtype/shape/data_offsets"
@@ -72,7 +75,7 @@ def _header_entry(path: Path, name: str, info: Any) -> tuple[TensorEntry, int, i
         raise CorruptFileError(
             f"{path.name}: tensor {name!r} has a malformed shape {shape!r} or offsets {offsets!r}"
         )
-    entry = TensorEntry(name, dtype, tuple(shape), path)
+    entry = TensorEntry(name, dtype, tuple(shape), path, data_start + offsets[0])
     if offsets[1] - offsets[0] != entry.nbytes:
         raise CorruptFileError(
             f"{path.name}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes but dtype {dtype} "
@@ -107,7 +110,9 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path.name}: header is JSON but not an object")
     header.pop("__metadata__", None)
-    spans = sorted((_header_entry(path, name, info) for name, info in header.items()), key=lambda s: s[1:])
+    spans = sorted(
+        (_header_entry(path, name, info, 8 + n) for name, info in header.items()), key=lambda s: s[1:]
+    )
     data_size, pos = size - 8 - n, 0
     for entry, begin, end in spans:
         if begin != pos:
@@ -214,9 +219,9 @@ def write_safetensors(
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape in specs:
-        nbytes = math.prod(shape) * _ITEMSIZE[ST_DTYPES[dtype]]
+        nbytes = math.prod(shape) * _ITEMSIZE[WRITE_DTYPES[dtype]]
         header[name] = {
-            "dtype": ST_DTYPES[dtype],
+            "dtype": WRITE_DTYPES[dtype],
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
@@ -243,7 +248,7 @@ def shard_plan(
     shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
     size = 0
     for spec in specs:
-        nbytes = math.prod(spec[2]) * _ITEMSIZE[ST_DTYPES[spec[1]]]
+        nbytes = math.prod(spec[2]) * _ITEMSIZE[WRITE_DTYPES[spec[1]]]
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0

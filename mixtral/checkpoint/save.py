@@ -39,7 +39,8 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v*", "tokenizer.json", "t
 TokenizerSource = Union[str, Path, Callable[[Path], object], "Tokenizer", None]
 
 
-def _copy_tokenizer(tokenizer: TokenizerSource, out: Path) -> None:
+def copy_tokenizer(tokenizer: TokenizerSource, out: Path) -> None:
+    """Write `tokenizer` (see TokenizerSource) into directory `out`."""
     if tokenizer is None:
         return
     if isinstance(tokenizer, (str, Path)):
@@ -134,7 +135,7 @@ def _write(
         (out / ("params.json" if fmt == "mistral" else "config.json")).write_text(
             json.dumps(config, indent=2) + "\n"
         )
-        _copy_tokenizer(tokenizer, out)
+        copy_tokenizer(tokenizer, out)
 
 
 def _uniform_dtype(dtypes: set[torch.dtype], what: str) -> torch.dtype:

@@ -26,6 +26,9 @@ class ModelOptions:
     dtype: str = "fp32"
     quantize: str | None = None
     device: str = "auto"
+    offload: str | None = None  # "auto" (the model's own experts) or a quantized checkpoint directory
+    expert_cache: str = "2"  # experts per layer, or a byte budget ("6GiB")
+    prefetch: bool = True
 
 
 def load_for_inference(path: str, options: ModelOptions | None = None):
@@ -50,7 +53,14 @@ def load_for_inference(path: str, options: ModelOptions | None = None):
                 f"tokenizer's ({tok.vocab_size}): copy the model's tokenizer.model or tokenizer.json there"
             ) from None
         print(f"note: no tokenizer in {path}; using the bundled Mixtral tokenizer", file=sys.stderr)
-    model = load_model(path, dtype=DTYPES[options.dtype], device=device).eval()
+    if options.offload:
+        model = load_offloaded_for_cli(path, options, device)
+    else:
+        model = load_model(path, dtype=DTYPES[options.dtype], device=device).eval()
+    if options.quantize and getattr(model, "quant_layout", None) is not None:
+        raise MixtralError(
+            f"{path} is already quantized ({model.quant_layout.storage}); load it without --quantize"
+        )
     if options.quantize:
         from mixtral.quant import quantize_model
 
@@ -60,6 +70,38 @@ def load_for_inference(path: str, options: ModelOptions | None = None):
             f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}"
         )
     return model, tok
+
+
+def load_offloaded_for_cli(path: str, options: ModelOptions, device: torch.device):
+    """The model with offloaded experts (`--offload`), or a one-line error saying why not."""
+    if device.type != "cpu":
+        raise MixtralError("--offload runs on the CPU (its cache lives in host memory); use --device cpu")
+    if options.quantize:
+        raise MixtralError("--offload reads experts quantized ahead of time; drop --quantize")
+    from mixtral.offload import load_offloaded
+
+    source = None if options.offload == "auto" else options.offload
+    if source is not None and not Path(source).is_dir():
+        raise MixtralError(f"--offload {source!r}: not a directory (give a quantized checkpoint, or 'auto')")
+    model = load_offloaded(
+        path, options.expert_cache, options.prefetch, DTYPES[options.dtype], experts_from=source
+    )
+    return model.eval()
+
+
+def offload_report(model) -> str | None:
+    """One line of the expert cache's figures and the process's peak RSS, for a model with `--offload`."""
+    cache = getattr(model, "expert_cache", None)
+    if cache is None:
+        return None
+    import resource
+
+    s = cache.stats.summary()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return (f"offload: {cache.capacity} of {cache.n_experts} experts cached per layer, hit rate {s['hit_rate']:.1%}, "
+            f"prefetch precision {s['prefetch_precision']:.1%} (misses read ahead {s['misses_prefetched']:.1%}), "
+            f"{s['bytes_read_per_token'] / 2**20:.1f} MiB read per token, waited {s['wait_s']:.2f} s for reads, "
+            f"peak RSS {peak / 2**30:.2f} GiB")  # fmt: skip
 
 
 def add_device_option(p: argparse.ArgumentParser, help: str | None = None) -> None:
@@ -84,15 +126,43 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def quant_storage(text: str) -> str:
+    """argparse type of --quantize: a storage name of `mixtral.quant.parse_storage`."""
+    from mixtral.quant import parse_storage
+
+    try:
+        return parse_storage(text).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--dtype, --quantize and the offloading options."""
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype to load (default fp32)")
-    p.add_argument("--quantize", choices=("int8", "bf16"), default=None,
-                   help="weight-only compression after loading: int8 with per-channel scales or bf16 "
-                   "storage; decode streams the compressed weights, prefill dequantises to --dtype")  # fmt: skip
+    p.add_argument("--quantize", type=quant_storage, default=None, metavar="STORAGE",
+                   help="weight-only compression after loading: int8 (per-channel scales), bf16 storage, int4 "
+                   "(groups of 32, llama.cpp's Q4_0), int8-g32 (Q8_0), int4-gN/int8-gN; decode streams the "
+                   "compressed weights, prefill dequantises to --dtype. A checkpoint written by `mixtral "
+                   "quantize SRC DST` is already quantized: load it without this flag")  # fmt: skip
+    add_offload_options(p)
+
+
+def add_offload_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload", metavar="DIR|auto", default=None,
+                   help="keep the experts out of memory: read them from a quantized checkpoint (`mixtral quantize "
+                   "SRC DST`; auto: the model itself) through a per-layer LRU cache, prefetching the next "
+                   "layer's likely experts on a background thread (docs/offloading.md)")  # fmt: skip
+    p.add_argument("--expert-cache", default="2", metavar="N|BYTES",
+                   help="with --offload: experts per layer kept in memory, or a budget for all layers such as "
+                   "6GiB (default 2)")  # fmt: skip
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="with --offload: read experts only when a layer needs them")  # fmt: skip
 
 
 def model_options(a: argparse.Namespace) -> ModelOptions:
-    return ModelOptions(dtype=a.dtype, quantize=a.quantize, device=getattr(a, "device", "auto"))
+    return ModelOptions(dtype=a.dtype, quantize=a.quantize, device=getattr(a, "device", "auto"),
+                        offload=getattr(a, "offload", None), expert_cache=getattr(a, "expert_cache", "2"),
+                        prefetch=getattr(a, "prefetch", True))  # fmt: skip
 
 
 # ---- argparse value checks: `type=` functions, so a bad value fails at parse time naming its flag

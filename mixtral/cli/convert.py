@@ -44,9 +44,8 @@ def cmd_convert(
             except ModuleNotFoundError as e:  # the optional gguf package; its message says how to install it
                 raise MixtralError(str(e)) from None
 
-            outtype = outtype or "f32"
             export_gguf(src, dst, outtype, overwrite=overwrite)
-            target = f"gguf ({outtype})"
+            target = "gguf" + (f" ({outtype})" if outtype else " (its own int4/int8 blocks)")
         else:
             convert(src, dst, to=target, dtype=DTYPES[dtype] if dtype else None, overwrite=overwrite)
     except FileExistsError as e:  # the library names its argument; the user knows the flag
@@ -64,8 +63,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="destination directory (a .gguf file with --to gguf), written atomically")
     p.add_argument("--to", choices=("hf", "mistral", "gguf"), default=None,
                    help="target format (default: the other of hf/mistral)")  # fmt: skip
-    p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default=None,
-                   help="GGUF tensor type, with --to gguf only (default f32)")  # fmt: skip
+    p.add_argument("--outtype", choices=("f32", "f16", "q8_0", "q4_0"), default=None,
+                   help="GGUF tensor type, with --to gguf only (default f32; a checkpoint from `mixtral quantize` "
+                   "exports its own blocks, q4_0 or q8_0)")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="cast weights, with --to hf/mistral only (default: keep)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")

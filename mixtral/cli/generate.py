@@ -21,6 +21,7 @@ from mixtral.cli.common import (
     generation_field,
     load_for_inference,
     model_options,
+    offload_report,
 )
 from mixtral.inference import GenerationConfig, GenerationStats, generate, stream
 from mixtral.text import encode_chat
@@ -54,6 +55,7 @@ def cmd_generate(
         print()
         print(f"[prefill {stats.prefill_tokens_per_s:.1f} tok/s, decode {stats.decode_tokens_per_s:.1f} tok/s]",
               file=sys.stderr)  # fmt: skip
+        _print_offload(model)
         return
     out = generate(model, tok, prompt, config)
     if as_json:
@@ -63,9 +65,16 @@ def cmd_generate(
             "prompt_tokens": s.prompt_tokens, "generated_tokens": len(out.token_ids),
             "prefill_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
             "prefill_tokens_per_s": s.prefill_tokens_per_s, "decode_tokens_per_s": s.decode_tokens_per_s,
+            **({"offload": model.expert_cache.stats.summary()} if hasattr(model, "expert_cache") else {}),
         }, ensure_ascii=False))  # fmt: skip
     else:
         print(prompt + out.text)
+    _print_offload(model)
+
+
+def _print_offload(model) -> None:
+    if line := offload_report(model):
+        print(line, file=sys.stderr)
 
 
 def cmd_chat(
@@ -102,6 +111,7 @@ def cmd_chat(
         print("" if interactive else '"')
         # The turn must be non-empty to be valid in the v1 format; a model that said nothing gets a space.
         messages.append({"role": "assistant", "content": answer.strip() or " "})
+    _print_offload(model)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -16,7 +17,9 @@ from mixtral.cli.common import (
     int_at_least,
     load_for_inference,
     non_negative_int,
+    quant_storage,
 )
+from mixtral.errors import MixtralError
 
 
 def target_list(text: str) -> str:
@@ -89,18 +92,78 @@ def cmd_quantize(
     print(json.dumps({k: v for k, v in report.items() if not (isinstance(v, float) and math.isnan(v))}))
 
 
+def group_arg(text: str) -> int:
+    """argparse type of --group: a positive multiple of 32, or `row` (0: int8 per-row scales)."""
+    if text == "row":
+        return 0
+    try:
+        g = int(text)
+    except ValueError:
+        g = -1
+    if g <= 0 or g % 32:
+        raise argparse.ArgumentTypeError(f"expected a positive multiple of 32 or 'row', got {text!r}")
+    return g
+
+
+def cmd_write(a: argparse.Namespace) -> None:
+    """`mixtral quantize SRC DST`: write a quantized checkpoint that loads without re-quantizing."""
+    from mixtral.checkpoint.quantized import quantize_checkpoint
+    from mixtral.cli.common import DTYPES
+    from mixtral.quant import storage_name
+
+    fmt = a.format or "int4"
+    storage = storage_name(int(fmt[3:]), a.group)
+    targets = ("experts",) if a.experts_only else QUANT_TARGETS
+    try:
+        quantize_checkpoint(a.path, a.dst, storage, targets, dtype=DTYPES[a.dtype] if a.dtype else None,
+                            overwrite=a.overwrite)  # fmt: skip
+    except FileExistsError as e:  # the library names its argument; the user knows the flag
+        raise FileExistsError(str(e).replace("pass overwrite=True", "pass --overwrite")) from None
+    size = sum(f.stat().st_size for f in Path(a.dst).glob("*.safetensors"))
+    print(f"wrote {a.dst}: {storage} ({', '.join(targets)}), {size / 2**20:.1f} MiB of weights")
+
+
+def cmd(a: argparse.Namespace) -> None:
+    if a.dst is not None:
+        return cmd_write(a)
+    if a.format is not None or a.experts_only or a.overwrite:
+        raise MixtralError(
+            "--format, --experts-only and --overwrite write a checkpoint: give a destination DST"
+        )
+    cmd_quantize(a.path, a.storage, a.targets, a.ppl_tokens, a.new_tokens, a.device)
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "quantize", help="measure the quality cost and speed gain of int8/bf16 weight-only storage"
+        "quantize",
+        help="write an int4/int8 checkpoint (SRC DST), or measure what weight-only storage costs and gains (SRC)",
+        description="With DST: quantize checkpoint SRC into DST, our safetensors layout of packed int4 or int8 "
+        "weights with one fp16 scale per group of --group inputs (llama.cpp's Q4_0/Q8_0 blocks for group 32; "
+        "docs/offloading.md), which every mixtral command loads as stored. Without DST: load SRC, compress it "
+        "in memory with --storage and report the logit error, held-out perplexity and decode speed.",
     )
-    p.add_argument("path", help="checkpoint directory")
-    p.add_argument("--storage", choices=("int8", "bf16"), default="int8")
+    p.add_argument("path", metavar="SRC", help="checkpoint directory (HF or Mistral, float weights)")
+    p.add_argument(
+        "dst", metavar="DST", nargs="?", default=None, help="where to write the quantized checkpoint"
+    )
+    p.add_argument("--format", choices=("int4", "int8"), default=None,
+                   help="with DST: the integer width (default int4)")  # fmt: skip
+    p.add_argument("--group", type=group_arg, default=32,
+                   help="with DST: inputs per scale, a multiple of 32 (default 32), or 'row' for int8 with one "
+                   "scale per output row")  # fmt: skip
+    p.add_argument("--experts-only", action="store_true",
+                   help="with DST: quantize only the experts (attention and output head stay float)")  # fmt: skip
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="with DST: dtype of the tensors left float (default: the source's)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="with DST: replace an existing checkpoint there")
+    p.add_argument("--storage", type=quant_storage, default="int8",
+                   help="without DST: int8 (per-row scales, default), bf16, int4 (groups of 32), int8-g32, "
+                   "int4-gN / int8-gN")  # fmt: skip
     p.add_argument("--targets", type=target_list, default="experts,attention,output",
-                   help="comma list of experts, attention, output (default all three)")  # fmt: skip
+                   help="without DST: comma list of experts, attention, output (default all three)")  # fmt: skip
     p.add_argument("--ppl-tokens", type=non_negative_int, default=16384,
                    help="validation tokens per domain for perplexity (0 to skip; needs the model's own tokenizer)")  # fmt: skip
     p.add_argument("--new-tokens", type=int_at_least(2), default=32,
                    help="tokens generated for the speed figure, >= 2: the first comes from prefill (default 32)")  # fmt: skip
     add_device_option(p)
-    p.set_defaults(func=lambda a: cmd_quantize(a.path, a.storage, a.targets, a.ppl_tokens, a.new_tokens,
-                                               a.device))  # fmt: skip
+    p.set_defaults(func=cmd)

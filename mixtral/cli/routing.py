@@ -9,9 +9,13 @@ import numpy as np
 
 from mixtral.atomic import atomic_file
 from mixtral.cli.common import (
+    ModelOptions,
     add_device_option,
+    add_offload_options,
     int_at_least,
+    load_offloaded_for_cli,
     non_negative_int,
+    offload_report,
     positive_int,
     resolve_device,
 )
@@ -58,6 +62,10 @@ def cmd_routing(a: argparse.Namespace) -> None:
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     if a.layerwise:
         model = LayerwiseModel(a.model, dtype, device=device)
+    elif a.offload:
+        model = load_offloaded_for_cli(
+            a.model, ModelOptions(dtype=a.dtype, offload=a.offload, expert_cache=a.expert_cache,
+                                  prefetch=a.prefetch), device)  # fmt: skip
     else:
         model = load_model(a.model, dtype=dtype, device=device)
     analysis = analyze_routing(model, domains, tok, layers=a.layers, max_tokens=a.max_tokens or None,
@@ -71,6 +79,8 @@ def cmd_routing(a: argparse.Namespace) -> None:
         with atomic_file(Path(a.out) / "traces.npz") as tmp:
             np.savez_compressed(tmp, **analysis.traces)
     print_summary(report)
+    if line := offload_report(model):
+        print(line)
     print(f"report: {html}")
 
 
@@ -102,6 +112,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layerwise", action="store_true",
                    help="hold one layer's weights at a time (for checkpoints larger than memory, e.g. 8x7B: "
                         "one layer + the hidden states of all analysed tokens instead of the whole model)")  # fmt: skip
+    add_offload_options(p)
     p.add_argument("--keep-traces", action="store_true",
                    help="also save every token's top-k ids per layer as traces.npz (uint8 [L, N, k] per domain)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -6,10 +6,11 @@ import argparse
 from pathlib import Path
 
 from mixtral.cli.common import (
-    ModelOptions,
     add_device_option,
     add_model_options,
     load_for_inference,
+    model_options,
+    offload_report,
     positive_int,
     resolve_device,
 )
@@ -34,10 +35,13 @@ def cmd_serve(a: argparse.Namespace) -> None:
     resolve_device(a.device)  # an absent device fails now, not in the loading thread
     if not Path(a.model).exists():
         raise MixtralError(f"model path {a.model!r} does not exist")
-    options = ModelOptions(dtype=a.dtype, quantize=a.quantize, device=a.device)
+    options = model_options(a)
+
+    loaded = []
 
     def load():
         model, tok = load_for_inference(a.model, options)
+        loaded.append(model)
         engine = Engine(model, tok, max_batch=a.max_batch, max_model_len=a.max_model_len, max_queue=a.max_queue,
                         step_tokens=a.step_tokens)  # fmt: skip
         return engine, tok
@@ -47,6 +51,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
     print(f"serving {a.model} as {name!r} on http://{a.host}:{a.port} (OpenAI API under /v1, chat page at /)",
           flush=True)  # fmt: skip
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
+    if loaded and (line := offload_report(loaded[0])):
+        print(line, flush=True)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -2,7 +2,8 @@
 
 Both follow `mixtral.model.dispatch.Dispatcher`. `KernelDispatch` groups a few tokens by expert in
 C++ and streams each selected expert's weights once for all its rows (fp32 or bf16 activations;
-fp32, bf16 or int8 storage read straight from `experts.stacked()`); no autograd. `AutoDispatch`
+fp32, bf16 or int8 storage read straight from `experts.stacked()`, or group-quantized int4/int8
+experts through `ops.qmoe`); no autograd. `AutoDispatch`
 uses it where `policy.moe_uses_kernel` says so (decode) and its fallback otherwise (prefill,
 training). Tested equal to the reference loop (tests/unit/test_moe.py).
 """
@@ -26,6 +27,9 @@ class KernelDispatch:
                 "the mixtral CPU kernels are not available on this machine (see mixtral.kernels)"
             )
         stacked = experts.stacked()
+        if getattr(experts, "kernel_format", None) == "group":  # packed int4/int8 groups (quant.groupwise)
+            y = ops.qmoe(x_TD.float(), ids_TK, weights_TK.float(), *stacked, experts.bits)  # type: ignore[attr-defined]
+            return y.to(x_TD.dtype)
         # A bf16 model with bf16 experts keeps bf16 activations: the kernel uses bf16 dot products.
         x = x_TD if x_TD.dtype == torch.bfloat16 and stacked[0].dtype == torch.bfloat16 else x_TD.float()
         return ops.moe(x, ids_TK, weights_TK.float(), *stacked).to(x_TD.dtype)

@@ -1,10 +1,10 @@
 """The compiled CPU kernel ops: built on first use, loaded once, callable as torch.ops.mixtral_cpu.*.
 
-`cpu_kernels.cpp` and `cpu_dots.cpp` are compiled once per machine and kernel version with torch's
-extension builder (needs a C++ compiler; ninja comes with this package's dependencies). If that
-fails, or `MIXTRAL_NO_KERNELS=1` is set, `available()` is False and callers use ATen (the decisions
-live in `mixtral.kernels.policy`). `python -m mixtral.kernels` builds them ahead of time (setup.sh
-does).
+`cpu_kernels.cpp`, `cpu_dots.cpp` and `cpu_qgroup.cpp` (group-quantized weights) are compiled once
+per machine and kernel version with torch's extension builder (needs a C++ compiler; ninja comes
+with this package's dependencies). If that fails, or `MIXTRAL_NO_KERNELS=1` is set, `available()`
+is False and callers use ATen (the decisions live in `mixtral.kernels.policy`). `python -m
+mixtral.kernels` builds them ahead of time (setup.sh does).
 
 The build cache is content-addressed: a directory named after a hash of the kernel sources, the
 compiler flags, torch, Python and the CPU's instruction-set flags (the code is built with
@@ -39,7 +39,7 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-SOURCES = ("cpu_kernels.cpp", "cpu_dots.cpp", "cpu_dots.h")
+SOURCES = ("cpu_kernels.cpp", "cpu_dots.cpp", "cpu_dots.h", "cpu_qgroup.cpp")
 # -fopenmp: at::parallel_for is an inline OpenMP loop, serial unless we compile with it.
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
@@ -144,6 +144,14 @@ def _register_fakes() -> None:
     def _moe(x, ids, weights, w1, w3, w2, s1, s3, s2):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("mixtral_cpu::qlinear")
+    def _qlinear(x, q, scales, bits):
+        return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("mixtral_cpu::qmoe")
+    def _qmoe(x, ids, weights, w1, w3, w2, s1, s3, s2, bits):
+        return torch.empty_like(x, dtype=torch.float32)
+
 
 def available() -> bool:
     """True once the kernels are built and loaded (builds them on the first call)."""
@@ -207,3 +215,44 @@ def moe(
     x fp32 or bf16; the result has x's dtype. bf16 x with bf16 experts computes with bf16 dot products.
     """
     return torch.ops.mixtral_cpu.moe(x, ids, weights, w1, w3, w2, s1, s3, s2)
+
+
+def has_qgroup_vnni() -> bool:
+    """True if group-quantized weights (`qlinear`, `qmoe`) multiply with AVX-512 VNNI in this build.
+
+    False without the instructions or with MIXTRAL_NO_QGROUP_VNNI=1 (read once per process): a
+    scalar loop then computes the same exact integer block products.
+    """
+    return available() and bool(torch.ops.mixtral_cpu.has_qgroup_vnni())
+
+
+def qlinear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """x [M, K] fp32 · ŵᵀ → [M, N] fp32 for group-quantized weights (`mixtral.quant.group`).
+
+    q: int8 [N, K] (bits=8) or packed uint8 [N, K/2] (bits=4); scales: fp16 [N, K/group]. x is
+    quantized per row and block of 32 to int8 as `group.quantize_activations`; each block's integer
+    dot product is exact and the scale products are summed in fp32 (`group.reference_linear`).
+    """
+    return torch.ops.mixtral_cpu.qlinear(x, q, scales, bits)
+
+
+def qmoe(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    s1: torch.Tensor,
+    s3: torch.Tensor,
+    s2: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
+    """Σ_k weights[t, k] · SwiGLU_{ids[t, k]}(x[t]) with group-quantized experts → [T, D] fp32.
+
+    x fp32 [T, D]; ids [T, k] (expert indices < E); weights fp32 [T, k]; w1, w3 [E, F, D or D/2] with
+    scales s1, s3 fp16 [E, F, D/group]; w2 [E, D, F or F/2] with s2 fp16 [E, D, F/group]. Each product
+    as `qlinear`, the hidden silu(a)·b quantized again before w2 (`group.reference_moe`); the tokens
+    are grouped by expert so each selected expert is streamed once.
+    """
+    return torch.ops.mixtral_cpu.qmoe(x, ids, weights, w1, w3, w2, s1, s3, s2, bits)

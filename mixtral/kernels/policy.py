@@ -23,6 +23,9 @@ KERNEL_MAX_ROWS_BF16 = 4
 INT8_KERNEL_MAX_ROWS = 128
 # Token·k slots up to which the MoE kernel beats the sorted grouped matmuls.
 KERNEL_MAX_SLOTS = 64
+# Group-quantized (int4/int8) matrices: rows of x up to which the kernel (8-bit activations, VNNI)
+# beats dequantizing the matrix and calling torch's matmul.
+GROUP_KERNEL_MAX_ROWS = 32
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16)  # activations and float weights the kernels take
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # stored weights the MoE kernel reads
@@ -57,8 +60,15 @@ def linear_uses_kernel(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return use_kernel(x, weight, max_rows=linear_max_rows(x, weight, scale))
 
 
+def group_linear_uses_kernel(x: torch.Tensor) -> bool:
+    """Whether x · ŵᵀ for a group-quantized weight should run in the kernel (which takes fp32 x)."""
+    return x.dtype in FLOAT_DTYPES and use_kernel(x, max_rows=GROUP_KERNEL_MAX_ROWS)
+
+
 def moe_uses_kernel(x_TD: torch.Tensor, top_k: int, experts: object) -> bool:
     """The MoE kernel for a few tokens at inference (decode) with storage it reads; else torch."""
+    if getattr(experts, "kernel_format", None) == "group":  # int4/int8 groups: the qmoe kernel
+        return x_TD.shape[0] * top_k <= KERNEL_MAX_SLOTS and use_kernel(x_TD, max_rows=x_TD.shape[0])
     stacked = experts.stacked()  # type: ignore[attr-defined]
     if stacked[0].dtype not in WEIGHT_DTYPES or x_TD.shape[0] * top_k > KERNEL_MAX_SLOTS:
         return False

@@ -15,8 +15,6 @@ int8 is symmetric per output channel (row): scale = max|w_row| / 127, q = round(
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,8 +24,7 @@ from mixtral.kernels.linear import kernel_linear
 from mixtral.model.dispatch import swiglu_groups
 from mixtral.model.moe import Experts
 
-STORAGE = ("int8", "bf16")
-TARGETS = ("experts", "attention", "output")
+ROWWISE = ("int8", "bf16")
 
 
 def compress(w: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -36,7 +33,7 @@ def compress(w: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor 
     if storage == "bf16":
         return w.to(torch.bfloat16).contiguous(), None
     if storage != "int8":
-        raise ValueError(f"unknown storage {storage!r}; choose from {', '.join(STORAGE)}")
+        raise ValueError(f"unknown storage {storage!r}; choose from {', '.join(ROWWISE)}")
     scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
     q = torch.round(w / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
     return q.contiguous(), scale.contiguous()
@@ -83,6 +80,18 @@ class CompressedExperts(nn.Module):
             self.register_buffer(name, q)
             self.register_buffer(f"s{name[1]}", s)
 
+    @classmethod
+    def from_stored(
+        cls, tensors: dict[str, torch.Tensor | None], storage: str, compute_dtype: torch.dtype
+    ) -> CompressedExperts:
+        """From stored w1, w3, w2 (and per-row scales s1, s3, s2), as a quantized checkpoint holds them."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.storage, self.compute_dtype = storage, compute_dtype
+        for name in ("w1", "w3", "w2", "s1", "s3", "s2"):
+            self.register_buffer(name, tensors[name])
+        return self
+
     @property
     def n_experts(self) -> int:
         return self.w1.shape[0]
@@ -107,6 +116,16 @@ class CompressedLinear(nn.Module):
         self.register_buffer("weight", q)
         self.register_buffer("scale", s)
 
+    @classmethod
+    def from_stored(cls, weight: torch.Tensor, scale: torch.Tensor | None, storage: str) -> CompressedLinear:
+        """From a stored weight (and per-row scale), as a quantized checkpoint holds them."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.storage = storage
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Decode reads the stored weight in the kernel (int8 up to more rows: see policy).
         if policy.linear_uses_kernel(x, self.weight, self.scale):
@@ -114,17 +133,8 @@ class CompressedLinear(nn.Module):
         return F.linear(x, decompress(self.weight, self.scale, x.dtype))
 
 
-def quantize_model(
-    model: nn.Module, storage: str = "int8", targets: Iterable[str] = ("experts",)
-) -> nn.Module:
-    """Compress `targets` of a built Transformer in place (and return it); experts by default."""
-    targets = tuple(targets)
-    if storage not in STORAGE:
-        raise ValueError(f"unknown storage {storage!r}; choose from {', '.join(STORAGE)}")
-    if unknown := set(targets) - set(TARGETS):
-        raise ValueError(
-            f"unknown quantization target(s) {sorted(unknown)}; choose from {', '.join(TARGETS)}"
-        )
+def quantize_rowwise(model: nn.Module, storage: str, targets: tuple[str, ...]) -> nn.Module:
+    """Compress `targets` of a built Transformer in place with int8 per-row or bf16 storage."""
     model.requires_grad_(False)
     for layer in model.layers:
         if "experts" in targets and isinstance(layer.feed_forward.experts, Experts):

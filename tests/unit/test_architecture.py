@@ -123,12 +123,13 @@ ALLOWED = {
     "kernels": {"model"},
     "quant": {"model", "kernels"},
     "text": set(),
-    "checkpoint": {"model", "kernels", "text", "atomic"},
+    "checkpoint": {"model", "kernels", "quant", "text", "atomic"},
     "inference": {"model", "text"},
     "data": {"text", "atomic"},
     "eval": {"model", "text", "data", "inference"},
     "train": {"model", "checkpoint", "text", "data", "eval", "atomic"},
     "analysis": {"model", "checkpoint", "text", "data", "eval", "atomic"},
+    "offload": {"model", "kernels", "quant", "checkpoint"},
     "serve": {"inference", "text"},  # never model/ or torch: the engine is behind inference/
 }
 

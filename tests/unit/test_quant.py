@@ -28,6 +28,6 @@ def test_compression_error_bound(storage):
 def test_quantize_rejects_unknown_options():
     model = Transformer(tiny_config())
     with pytest.raises(ValueError, match="storage"):
-        quantize_model(model, "int4")
+        quantize_model(model, "int3")
     with pytest.raises(ValueError, match="target"):
         quantize_model(model, "int8", ("embeddings",))

@@ -1,4 +1,4 @@
-"""llama.cpp vs ours: batch-1 greedy decode tokens/s on the same weights, f32 / Q8_0 vs fp32 / int8.
+"""llama.cpp vs ours: batch-1 greedy decode tokens/s on the same weights: f32, Q8_0 and Q4_0.
 
 The model (random weights from torch.manual_seed(0), or --model) is saved with our save_model,
 exported to GGUF with mixtral.checkpoint.gguf_export, and loaded in llama.cpp through llama-cpp-python.
@@ -10,8 +10,10 @@ Timing, the same on both sides: wall clock of decode steps 2..n from Python, eac
 forward of one token plus its argmax. Ours: GenerationStats.decode_tokens_per_s of generate_ids.
 llama.cpp: perf_counter around `Llama.eval([token])` + argmax of its last logits; llama.cpp's own
 perf counter (t_eval_ms over n_eval: the same single-token steps, without Python) is reported beside
-it as a cross-check. Both KV caches are fp32. Ours int8 = mixtral.quantize.quantize_model on every
-target it offers (llama.cpp's Q8_0 quantizes every matrix but the router); "n/a" without it.
+it as a cross-check. Both KV caches are fp32. The quantized cases run the very same weights on both
+sides: `mixtral quantize` writes int8 / int4 groups of 32 (experts, attention, output head; the
+embedding and router stay float), ours loads that checkpoint, and llama.cpp its GGUF export, whose
+Q8_0 / Q4_0 blocks are the stored bytes.
 The quantized rows also report first-step logit differences and greedy agreement with ours fp32;
 with random weights these are dominated by expert-routing flips (the router's top-2 logits are
 near ties), so they show that a flip happened, not how good the quantization is.
@@ -47,13 +49,6 @@ from mixtral.config import get_preset
 from mixtral.inference import GenerationStats, generate_ids
 from mixtral.model import Transformer
 from mixtral.text.tokenizer import load_tokenizer
-
-try:
-    from mixtral.quant import TARGETS as INT8_TARGETS
-    from mixtral.quant import quantize_model
-except ImportError:
-    quantize_model = None
-    INT8_TARGETS = ()
 
 
 class LlamaCpp:
@@ -146,17 +141,24 @@ def time_pair(name: str, ours: Transformer | None, theirs: LlamaCpp, prompt, arg
 
 
 def export_both(args, tmp: Path) -> tuple[Path, dict[str, float]]:
-    """The checkpoint (saved from random --preset weights unless --model) and its f32 / q8_0 GGUFs."""
+    """The checkpoint (saved from random --preset weights unless --model), its int8/int4 quantized
+    checkpoints (tmp/q8_0, tmp/q4_0) and the f32 / q8_0 / q4_0 GGUFs of those same weights."""
+    from mixtral.checkpoint.quantized import quantize_checkpoint
+
     if args.model is None:
         torch.manual_seed(0)
         save_model(Transformer(get_preset(args.preset)), tmp / "ckpt", tokenizer_src=load_tokenizer(None))
     src = args.model or tmp / "ckpt"
     export_s = {}
-    for outtype in ("f32", "q8_0"):
+    for outtype, storage in (("f32", None), ("q8_0", "int8-g32"), ("q4_0", "int4")):
         t0 = time.perf_counter()
-        export_gguf(src, tmp / f"{outtype}.gguf", outtype, tokenizer=args.tokenizer)
+        source = src
+        if storage is not None:
+            source = tmp / outtype
+            quantize_checkpoint(src, source, storage, ("experts", "attention", "output"), progress=False)
+        export_gguf(source, tmp / f"{outtype}.gguf", None if storage else outtype, tokenizer=args.tokenizer)
         export_s[outtype] = round(time.perf_counter() - t0, 1)
-    print(f"export to GGUF: {export_s} s", file=sys.stderr)
+    print(f"quantize and export to GGUF: {export_s} s", file=sys.stderr)
     return src, export_s
 
 
@@ -221,17 +223,17 @@ def main() -> None:
         ref = check(ours, theirs, prompt, args.new_tokens)
         rows = [time_pair("decode b1: ours fp32 | llama.cpp f32", ours, theirs, prompt, args, ref)]
         theirs.close()
-        if quantize_model is not None:
-            quantize_model(ours, "int8", targets=INT8_TARGETS)  # in place; the fp32 weights are freed
-        else:
-            ours = None
-        gc.collect()
-        theirs = LlamaCpp(tmp / "q8_0.gguf", args.threads, n_ctx)
-        rows.append(time_pair("decode b1: ours int8 | llama.cpp Q8_0", ours, theirs, prompt, args, ref))
-        theirs.close()
+        for outtype, ours_name in (("q8_0", "int8 groups"), ("q4_0", "int4 groups")):
+            del ours
+            gc.collect()
+            ours = load_model(tmp / outtype).eval()  # the quantized checkpoint: the GGUF's very blocks
+            theirs = LlamaCpp(tmp / f"{outtype}.gguf", args.threads, n_ctx)
+            rows.append(time_pair(f"decode b1: ours {ours_name} | llama.cpp {outtype.upper()}", ours, theirs,
+                                  prompt, args, ref))  # fmt: skip
+            theirs.close()
 
     extra = {"export_s": export_s, "kv_cache": "fp32 both",
-             "ours_int8_targets": list(INT8_TARGETS) if quantize_model is not None else None,
+             "quantized_targets": ["experts", "attention", "output"],
              "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}  # fmt: skip
     report(args, cfg, rows, extra)
 

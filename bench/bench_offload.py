@@ -193,6 +193,48 @@ print(json.dumps({{"argmax": argmax, "tok_s": (len(stamps) - 1 - warm) / (stamps
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def sweep(directory: Path, sizes: list[int], tokens: list[int], a: argparse.Namespace) -> None:
+    """Ours at several cache sizes: tokens/s (prefetch on and off), hit rate measured and simulated."""
+    rows = []
+    for n in sizes:
+        on, off = (run_ours(directory, str(n), p, tokens, a.threads) for p in (True, False))
+        rows.append({"cache": n, "tok_s_prefetch": on["tok_s"], "tok_s": off["tok_s"], "hit_rate": off["hit_rate"],
+                     "simulated_hit_rate": off["simulated_hit_rate"], "peak_rss_bytes": off["peak_rss_bytes"],
+                     "bytes_read_per_token": off["bytes_read_per_token"], "prefetch_precision": on["prefetch_precision"]})  # fmt: skip
+        print(f"cache {n}: {rows[-1]}", file=sys.stderr)
+    name = a.model or f"8x7B shape, {a.layers} layers"
+    print(f"\n{name}: {len(tokens)} tokens one at a time, {a.threads} threads")
+    print(
+        f"{'experts/layer':>13} {'tok/s':>7} {'+prefetch':>9} {'hit rate':>9} {'simulated':>9} {'peak RSS':>9} {'MiB/token':>9}"
+    )
+    for r in rows:
+        print(f"{r['cache']:>13} {r['tok_s']:>7.3f} {r['tok_s_prefetch']:>9.3f} {r['hit_rate']:>9.1%} "
+              f"{r['simulated_hit_rate']:>9.1%} {r['peak_rss_bytes'] / 2**30:>7.2f}GiB {r['bytes_read_per_token'] / 2**20:>9.1f}")  # fmt: skip
+    if a.png:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(9, 3.4))
+        ax1, ax2 = fig.subplots(1, 2)
+        xs = [r["cache"] for r in rows]
+        ax1.plot(xs, [r["tok_s"] for r in rows], "o-", label="no prefetch")
+        ax1.plot(xs, [r["tok_s_prefetch"] for r in rows], "s--", label="prefetch")
+        ax1.set_ylabel("tokens/s (batch 1)")
+        ax2.plot(xs, [r["hit_rate"] for r in rows], "o-", label="measured")
+        ax2.plot(xs, [r["simulated_hit_rate"] for r in rows], "x:", markersize=10, label="LRU simulation")
+        ax2.set_ylabel("expert cache hit rate")
+        for ax in (ax1, ax2):
+            ax.set_xlabel("experts cached per layer")
+            ax.legend(fontsize=8)
+        fig.suptitle(str(name), fontsize=9)
+        fig.tight_layout()
+        fig.savefig(a.png, dpi=110)
+    print(
+        json.dumps(
+            {"bench": "offload_sweep", "model": str(name), "tokens": len(tokens), **versions(), "rows": rows}
+        )
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -203,8 +245,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48, help="tokens of text run one at a time (default 48)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--model", default=None,
+                    help="an existing quantized checkpoint to run instead of writing the random 8x7B shape")  # fmt: skip
+    ap.add_argument("--sweep", default=None, metavar="N,N,...",
+                    help="instead of the comparison: ours at these cache sizes (experts per layer), prefetch "
+                    "on and off, hit rate measured and simulated; with --png, a plot")  # fmt: skip
+    ap.add_argument("--png", default=None)
     a = ap.parse_args()
-    directory = write_model(Path(a.dir), a.layers)
+    directory = Path(a.model) if a.model else write_model(Path(a.dir), a.layers)
+    if a.sweep:
+        return sweep(directory, [int(x) for x in a.sweep.split(",")], text_tokens(a.tokens), a)
     tokens = text_tokens(a.tokens)
     report: dict = {
         "bench": "offload",

@@ -1,17 +1,17 @@
-"""Where offloaded experts live: a quantized checkpoint, memory-mapped, read one expert at a time.
+"""Where offloaded experts live: a quantized checkpoint on disk, read one expert at a time.
 
 `ExpertStore(path)` validates the checkpoint (`QuantizedReader`: names, dtypes, shapes, file sizes)
-and maps its files. `load(layer, expert, dst)` copies that expert's six stored tensors (w1, w3, w2
-and their scales, contiguous in the file) into `dst`, a dict of destination tensors (a cache slot),
-then tells the kernel it no longer needs those pages in this process (madvise MADV_DONTNEED): the
-bytes stay in the OS page cache, which the kernel reclaims under pressure, and the process's RSS
-holds the cache slots only, not every expert ever read.
+and opens its files. `load(layer, expert, dst)` reads that expert's six stored tensors (w1, w3, w2
+and their scales, contiguous in the file) straight into `dst`, the tensors of a cache slot, with
+one `preadv`. The OS page cache keeps recently read experts (and gives the memory back under
+pressure); the process's RSS holds the cache slots only. A first version mapped the files and
+copied out of the mapping with torch: the copy ran torch's thread pool on the background reader
+thread, which fought the compute threads for the cores (prefetch then halved the speed on this
+2-core machine), and the mapped pages counted in RSS until dropped.
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import os
 from pathlib import Path
 
@@ -23,11 +23,10 @@ from mixtral.config import MixtralConfig
 from mixtral.errors import FormatError
 
 _TORCH = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "F32": torch.float32}
-PAGE = mmap.PAGESIZE
 
 
 class ExpertStore:
-    """The experts of a quantized checkpoint, read from its memory-mapped files on request."""
+    """The experts of a quantized checkpoint, read from its files on request."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -40,18 +39,14 @@ class ExpertStore:
                 f"this checkpoint is {self.layout.storage} with targets {', '.join(self.layout.targets)}"
             )
         self._entries: dict[str, TensorEntry] = reader.stored_entries()
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         for e in self._entries.values():
-            if e.file not in self._maps:
-                with open(e.file, "rb") as f:
-                    self._maps[e.file] = mmap.mmap(
-                        f.fileno(), 0, access=mmap.ACCESS_COPY
-                    )  # private: writable to torch, never to the file
-        first = self.parts(0, 0)
-        self.expert_bytes = sum(e.nbytes for e in first.values())
+            if e.file not in self._fds:
+                self._fds[e.file] = os.open(e.file, os.O_RDONLY)
+        self.expert_bytes = sum(e.nbytes for e in self.parts(0, 0).values())
 
     def parts(self, layer: int, expert: int) -> dict[str, TensorEntry]:
-        """{"qw1", "sw1", ...}: the stored tensors of one expert."""
+        """{"qw1", "sw1", "qw3", "sw3", "qw2", "sw2"}: the stored tensors of one expert, in file order."""
         out = {}
         for part in EXPERT_PARTS:
             base = f"layers.{layer}.feed_forward.experts.{expert}.{part}"
@@ -66,23 +61,42 @@ class ExpertStore:
         return {k: (_TORCH[e.dtype], e.shape) for k, e in self.parts(0, 0).items()}
 
     def load(self, layer: int, expert: int, dst: dict[str, torch.Tensor]) -> int:
-        """Copy expert (layer, expert) into the tensors `dst`; returns the bytes read."""
-        total = 0
-        for key, e in self.parts(layer, expert).items():
-            mm = self._maps[e.file]
-            src = torch.frombuffer(mm, dtype=torch.uint8, count=e.nbytes, offset=e.offset)
-            dst[key].view(-1).view(torch.uint8).copy_(src)
-            total += e.nbytes
-            start = e.offset // PAGE * PAGE
-            end = -(-(e.offset + e.nbytes) // PAGE) * PAGE
-            mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(mm)) - start)
-        return total
+        """Read expert (layer, expert) into the tensors `dst`; returns the bytes read.
+
+        One `preadv` when the six tensors are contiguous in one file (as `mixtral quantize` writes
+        them): a system call that releases the GIL and starts no thread pool."""
+        parts = self.parts(layer, expert)
+        entries = list(parts.values())
+        views = [dst[key].view(-1).view(torch.uint8).numpy() for key in parts]
+        pairs = zip(entries, entries[1:], strict=False)
+        if all(a.file == b.file and a.offset + a.nbytes == b.offset for a, b in pairs):
+            self._pread(entries[0].file, views, entries[0].offset)
+        else:  # written by other means: one read per tensor
+            for e, v in zip(entries, views, strict=True):
+                self._pread(e.file, [v], e.offset)
+        return sum(e.nbytes for e in entries)
+
+    def _pread(self, file: Path, views: list, offset: int) -> None:
+        fd = self._fds[file]
+        buffers = [memoryview(v).cast("B") for v in views]
+        while buffers:
+            n = os.preadv(fd, buffers, offset)
+            if n <= 0:
+                raise OSError(
+                    f"{file}: read returned {n} bytes at offset {offset} (file truncated while open?)"
+                )
+            offset += n
+            while buffers and n >= len(buffers[0]):
+                n -= len(buffers[0])
+                buffers.pop(0)
+            if n:
+                buffers[0] = buffers[0][n:]
 
     def close(self) -> None:
-        for mm in getattr(self, "_maps", {}).values():
-            with contextlib.suppress(BufferError):  # a tensor still views it; it goes with the last reference
-                mm.close()
-        getattr(self, "_maps", {}).clear()
+        fds = getattr(self, "_fds", {})
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
 
     def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order
         if os is not None:

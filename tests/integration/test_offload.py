@@ -145,3 +145,73 @@ def test_cache_size_and_errors(ckpts, tmp_path):
     f.write_bytes(f.read_bytes()[:-4096])
     with pytest.raises(mixtral.errors.CorruptFileError, match="truncated"):
         load_offloaded(bad, 2)
+
+
+# ---- the commands ---------------------------------------------------------------------------------
+
+
+def test_generate_and_chat_offloaded_print_the_cache_figures(ckpts, capsys, monkeypatch):
+    import io
+
+    from mixtral.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
+    assert main(["chat", str(ckpts["int4"]), "--max-new-tokens", "4", "--offload", "auto"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith('"') and "offload: 2 of 6 experts cached per layer" in out.err
+
+    q = str(ckpts["int4"])
+    assert main(["generate", q, "Hello", "--max-new-tokens", "4", "--json", "--offload", "auto",
+                 "--expert-cache", "2"]) == 0  # fmt: skip
+    out = capsys.readouterr()
+    import json
+
+    report = json.loads(out.out)
+    want = json.loads(_generate_json(q, capsys))
+    assert report["token_ids"] == want["token_ids"]
+    assert report["offload"]["requests"] > 0 and 0 <= report["offload"]["hit_rate"] <= 1
+    assert "offload: 2 of 6 experts cached per layer, hit rate" in out.err and "peak RSS" in out.err
+    for argv, msg in [
+        (["generate", q, "Hi", "--offload", "auto", "--quantize", "int8"], "drop --quantize"),
+        (["generate", str(ckpts["float"]), "Hi", "--offload", "auto"], "not a quantized checkpoint"),
+        (["generate", q, "Hi", "--offload", "auto", "--expert-cache", "9"], "between 1 and 6"),
+        (["generate", q, "Hi", "--offload", "auto", "--expert-cache", "lots"], "byte budget"),
+        (["generate", q, "Hi", "--offload", "/nonexistent"], "not a directory"),
+    ]:
+        assert main(argv) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+
+
+def _generate_json(path: str, capsys) -> str:
+    from mixtral.cli import main
+
+    assert main(["generate", path, "Hello", "--max-new-tokens", "4", "--json"]) == 0
+    return capsys.readouterr().out
+
+
+def test_routing_offloaded(ckpts, tmp_path, capsys):
+    from mixtral.cli import main
+
+    assert main(["routing", str(ckpts["int4"]), "--offload", "auto", "--expert-cache", "3", "--max-tokens", "600",
+                 "--seq-len", "64", "--bootstrap", "20", "--quiet", "--out", str(tmp_path / "r")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "offload: 3 of 6 experts cached per layer" in out and (tmp_path / "r" / "report.html").is_file()
+
+
+def test_serve_offloaded(ckpts):
+    """A real `mixtral serve --offload auto` process answers as the resident model does."""
+    requests = pytest.importorskip("requests")
+    pytest.importorskip("fastapi")
+    from test_serve import Server
+
+    want = _run(mixtral.load_model(ckpts["int4"]), PROMPTS[0], GenerationConfig(max_new_tokens=6))
+    server = Server("--offload", "auto", "--expert-cache", "2", "--max-batch", "2", "--max-model-len", "128",
+                    model=ckpts["int4"])  # fmt: skip
+    try:
+        r = requests.post(f"{server.url}/v1/completions", json={"model": "mini", "prompt": PROMPTS[0], "max_tokens": 6,
+                                                                "temperature": 0}, timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+        tok = mixtral.load_tokenizer(ckpts["int4"])
+        assert r.json()["choices"][0]["text"] == tok.decode(want)
+    finally:
+        server.stop()

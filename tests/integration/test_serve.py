@@ -34,10 +34,10 @@ def free_port() -> int:
 class Server:
     """A `python -m mixtral serve` process, waited on through /health and always stopped."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, model: Path = MINI) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "mixtral", "--threads", "1", "serve", str(MINI), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "mixtral", "--threads", "1", "serve", str(model), "--port", str(self.port),
                "--served-model-name", "mini", *args]  # fmt: skip
         # A file, not a pipe: an unread pipe that fills up would stall the server.
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the process)

@@ -42,7 +42,7 @@ BOXES: dict[str, tuple[tuple[float, float], tuple[float, float], str, str, list[
         TOP,
         "infer",
         "quant/",
-        ["int8 per-row / bf16,", "int4/int8 groups (Q4_0/Q8_0)", "(applied from outside)"],
+        ["int8 per row, bf16,", "int4/int8 groups", "(applied from outside)"],
     ),
     "checkpoint": (
         C1,
@@ -73,7 +73,7 @@ BOXES: dict[str, tuple[tuple[float, float], tuple[float, float], str, str, list[
         MID,
         "seam",
         "MoE dispatcher",
-        ["Loop, Sorted (model/)", "Auto, Kernel (kernels/)", "Offload (offload/: expert", "cache); later all-to-all"],
+        ["Loop, Sorted (model/)", "Auto, Kernel (kernels/)", "Offload (offload/)", "later: all-to-all"],
     ),
     "kernels": (
         C4,
@@ -149,7 +149,7 @@ ARROWS = [
     ("model", "t", 0.72, "inference", "b", 0.72, INFER, "5 logits", (0.55, 0), 0.0),
     ("inference", "l", 0.3, "text", "r", 0.3, INFER, "6 text", (0, -0.2), 0.0),
     ("model", "t", 0.97, "kernels", "t", 0.12, GREY, "linears (KernelLinear)", (0.0, 0.95), -0.28),
-    ("quant", "b", 0.5, "kernels", "t", 0.5, GREY, "int8/int4/bf16\nweights", (0.7, 0), 0.0),
+    ("quant", "b", 0.5, "kernels", "t", 0.5, GREY, "quantized\nweights", (0.62, 0), 0.0),
     # training: data -> train loop -> model -> checkpoint
     ("data", "r", 0.55, "train", "l", 0.55, TRAIN, "a batches", (0, 0.2), 0.0),
     ("train", "t", 0.45, "model", "b", 0.45, TRAIN, "b forward,\nbackward", (-0.66, 0), 0.0),

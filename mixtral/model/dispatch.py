@@ -17,7 +17,7 @@ experts of `mixtral.quant`, later an offloading store.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -50,6 +50,17 @@ class Dispatcher(Protocol):
 def swiglu(x_ND: torch.Tensor, w1_FD: torch.Tensor, w3_FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
     """One expert: w2(silu(w1 x) ⊙ w3 x)."""
     return F.linear(F.silu(F.linear(x_ND, w1_FD)) * F.linear(x_ND, w3_FD), w2_DF)
+
+
+class PerExpert:
+    """An indexable `weights()` result whose item e, expert e's (w1, w3, w2), is made on access by `make(e)`
+    (dequantized storage, a cache slot): nothing is materialised for experts no token uses."""
+
+    def __init__(self, make: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        self.make = make
+
+    def __getitem__(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.make(e)
 
 
 def swiglu_groups(

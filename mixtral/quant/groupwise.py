@@ -13,25 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixtral.kernels import ops, policy
-from mixtral.model.dispatch import swiglu_groups
+from mixtral.model.dispatch import PerExpert, swiglu_groups
 from mixtral.model.moe import Experts
 from mixtral.quant import group
 
 NAMES = ("w1", "w3", "w2")
-
-
-class _Dequantized:
-    """Item e: expert e's (w1, w3, w2) dequantized to the compute dtype on access."""
-
-    def __init__(self, experts: GroupExperts) -> None:
-        self.experts = experts
-
-    def __getitem__(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.experts
-        return tuple(  # type: ignore[return-value]
-            group.dequantize(getattr(x, f"q{n}")[e], getattr(x, f"s{n}")[e], x.bits, x.compute_dtype)
-            for n in NAMES
-        )
 
 
 class GroupExperts(nn.Module):
@@ -66,8 +52,11 @@ class GroupExperts(nn.Module):
     def n_experts(self) -> int:
         return self.qw1.shape[0]
 
-    def weights(self) -> _Dequantized:
-        return _Dequantized(self)
+    def weights(self) -> PerExpert:
+        return PerExpert(lambda e: tuple(  # type: ignore[arg-type]
+            group.dequantize(getattr(self, f"q{n}")[e], getattr(self, f"s{n}")[e], self.bits, self.compute_dtype)
+            for n in NAMES
+        ))  # fmt: skip
 
     def grouped(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         return swiglu_groups(x_SD, counts, self.weights())

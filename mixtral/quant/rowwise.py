@@ -21,7 +21,7 @@ from torch import nn
 
 from mixtral.kernels import ops, policy
 from mixtral.kernels.linear import kernel_linear
-from mixtral.model.dispatch import swiglu_groups
+from mixtral.model.dispatch import PerExpert, swiglu_groups
 from mixtral.model.moe import Experts
 
 ROWWISE = ("int8", "bf16")
@@ -48,24 +48,6 @@ def decompress(
     if q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and ops.available():
         return ops.dequantize(q, scale, dtype)  # one pass, the same rounding (tested)
     return (q.float() * scale.unsqueeze(-1)).to(dtype)
-
-
-class _Dequantised:
-    """Indexable view of CompressedExperts: item e is expert e's weights in the compute dtype, made on access."""
-
-    def __init__(self, experts: CompressedExperts) -> None:
-        self.experts = experts
-
-    def __getitem__(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.experts
-        return tuple(  # type: ignore[return-value]
-            decompress(
-                getattr(x, n)[e],
-                None if getattr(x, f"s{n[1]}") is None else getattr(x, f"s{n[1]}")[e],
-                x.compute_dtype,
-            )
-            for n in ("w1", "w3", "w2")
-        )
 
 
 class CompressedExperts(nn.Module):
@@ -96,8 +78,15 @@ class CompressedExperts(nn.Module):
     def n_experts(self) -> int:
         return self.w1.shape[0]
 
-    def weights(self) -> _Dequantised:
-        return _Dequantised(self)
+    def weights(self) -> PerExpert:
+        def make(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            scales = (getattr(self, f"s{n[1]}") for n in ("w1", "w3", "w2"))
+            return tuple(  # type: ignore[return-value]
+                decompress(getattr(self, n)[e], None if s is None else s[e], self.compute_dtype)
+                for n, s in zip(("w1", "w3", "w2"), scales, strict=True)
+            )
+
+        return PerExpert(make)
 
     def grouped(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         return swiglu_groups(x_SD, counts, self.weights())  # dequantises one expert at a time

@@ -56,13 +56,14 @@ from mixtral.checkpoint.safetensors_io import shard_plan, write_safetensors  # n
 from mixtral.config import get_preset  # noqa: E402
 
 
-def text_tokens(n: int) -> list[int]:
-    """BOS + the first n - 1 tokens of the bundled corpus' first held-out encyclopedic document."""
+def text_tokens(n: int, model: str | None = None) -> list[int]:
+    """BOS + the first n - 1 tokens of the bundled corpus' first held-out encyclopedic document
+    (with `model`'s tokenizer, else the Mixtral one)."""
     from mixtral.data.corpus import load_corpus
     from mixtral.text import load_tokenizer
 
     doc = load_corpus(domains=["encyclopedic"])["encyclopedic"].valid[0]
-    ids = load_tokenizer(None).encode(doc.text, bos=True)[:n]
+    ids = load_tokenizer(model).encode(doc.text, bos=True)[:n]
     if len(ids) < n:
         raise ValueError(f"the document has only {len(ids)} tokens; ask for fewer")
     return ids
@@ -254,8 +255,8 @@ def main() -> None:
     a = ap.parse_args()
     directory = Path(a.model) if a.model else write_model(Path(a.dir), a.layers)
     if a.sweep:
-        return sweep(directory, [int(x) for x in a.sweep.split(",")], text_tokens(a.tokens), a)
-    tokens = text_tokens(a.tokens)
+        return sweep(directory, [int(x) for x in a.sweep.split(",")], text_tokens(a.tokens, a.model), a)
+    tokens = text_tokens(a.tokens, a.model)
     report: dict = {
         "bench": "offload",
         "layers": a.layers,

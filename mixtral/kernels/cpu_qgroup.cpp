@@ -3,43 +3,71 @@
 // and the whole top-k MoE layer for a few tokens, each selected expert streamed once.
 //
 // As llama.cpp does, x is quantized per row and per block of 32 to int8 (Q8_0's rule, fp32 scale),
-// every block's integer dot product with the weights is exact (int32), and dot · d_x · d_w is
-// accumulated in fp32. With AVX-512 VNNI + BW + VL, vpdpbusd multiplies 64 unsigned bytes by 64
-// signed bytes into 16 int32 lanes (4 products each) in one instruction; a zmm holds a chunk of two
-// blocks of 32:
+// every block's integer dot product is exact (int32), and dot · d_x · d_w is accumulated in fp32.
+// With AVX-512 VNNI + BW + VL, vpdpbusd multiplies 64 unsigned bytes by 64 signed bytes into 16 int32
+// lanes (4 products each) in one instruction; one step of a weight row is 64 bytes:
 //
-// - The activations are the unsigned operand, x + 128 in [1, 255] (prepared once per call), the
-//   signed weights the other; Σ (x + 128)·w = Σ x·w + 128·Σ w, so each lane's accumulator starts at
-//   -128·(its 4 weights' sum), which one more vpdpbusd per weight chunk computes (w ^ 0x80 = w + 128
-//   times -128, plus 4·128·128), shared by all rows of x. Every partial sum is exact
-//   (|lane| <= 4·255·127).
-// - int4: the 32 packed bytes of a chunk are broadcast to both halves of a zmm and one GF(2) affine
-//   map per byte (gf2p8affineqb) turns the lower half's low nibbles and the upper half's high nibbles
-//   into n - 8 as int8; x is stored in that order (per chunk of blocks b, b+1: values 0-15 of b,
-//   0-15 of b+1, 16-31 of b, 16-31 of b+1). int8: the weights as they are.
+// - int4: 4 blocks of 32 values. The bytes' low nibbles (b & 15: values 0-15 of each block, 16 bytes a
+//   block) and high nibbles (values 16-31) are two vectors of unsigned n in [0, 15], each multiplied
+//   by the matching 64 signed activations into one int32 vector that starts at -8 · (the lane's 8
+//   activations' sum, prepared with them): Σ n·x - 8·Σ x = Σ (n - 8)·x. Lane i (bytes 4i..4i+3)
+//   belongs to block i / 4. From 4 rows of x per tile, the correction goes to the weights' side (no
+//   correction to load per row of x): n - 8 signed (gf2p8affineqb), x + 128 unsigned, the start
+//   -128 · (the lane's weights' sum) computed once per weight row.
+// - int8: 2 blocks; the weights signed, x + 128 unsigned (prepared so), the same weights'-side start.
+//   Lane i belongs to block i / 8.
 //
-// Each int32 lane (a quarter or an eighth of one block's product) is converted to fp32 (exactly:
-// < 2^24) and multiplied into fp32 accumulators by d_x[block] · d_w[group of block]. Weight rows are
-// read once for up to 8 rows of x (more rows: tiles of up to 8; the weight row then comes from cache)
-// and prefetched into L2 ahead of use. One row of x streams the weights at memory bandwidth (4096x14336
-// int4, 2 cores: 1.1-1.3 ms, 26-31 GB/s, as the fp32 kernel reads its 8x larger weights).
+// Every partial sum is exact (|lane| < 2^17), and so is its conversion to fp32; each lane is
+// multiplied into fp32 accumulators by d_w[block] · d_x[block] (the product rounded to fp32).
+//
+// The activations of a call are prepared once, step-major ([step][row of x], see Lay; in qmoe each
+// expert's rows apart, so that its activations are dense: interleaved with the other experts' rows,
+// int8 8x7B experts streamed ~15% slower). Weight rows are read once for up to 8 rows of x (more
+// rows: tiles of up to 8; the weight row then comes from cache), in passes of 1, 2 or 4 weight rows
+// that share each activation load, and prefetched into L2 ahead of use. On this kind of CPU (Zen 4:
+// one 64-byte load per cycle, 512-bit operations double pumped) loads limit the loop as much as vector
+// operations do: each value is loaded once into a register; the int4 loop takes ~6 cycles per 64
+// weight bytes from L1/L2 (one row of x).
+//
+// Threads: a call is one OpenMP region (none for small matrices), each thread a contiguous share of
+// the weight rows. qmoe does the whole layer in one region with two barriers: the rows of x (one per
+// (token, slot) pair, sorted by expert) are quantized (blocks split among threads); each thread
+// computes the w1 and w3 rows of every selected expert in the same passes (a and b) for its share of F,
+// then h = silu(a)·b and h's quantization for those columns (cut at multiples of 128, its blocks are
+// its own); then w2 rows of every selected expert for its share of D, and the weighted sum over the k
+// slots of those outputs. Scratch memory is kept per calling thread between calls. silu(a)·b is
+// computed as torch computes it for fp32 with AVX-512, with torch's own vector exp (Sleef's
+// expf16_u10, exported by libtorch_cpu), so bit-identical to at::silu(a) * b (checked once per
+// process against at::silu; otherwise, or for F >= 32768 where at::silu splits the row into
+// chunks, at::silu runs between two regions instead).
 //
 // Elsewhere, or with MIXTRAL_NO_QGROUP_VNNI=1 (read once per process), a scalar loop with the same
 // integer arithmetic and the same activation quantization runs instead.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
 #define MIXTRAL_QGROUP_VNNI 1
 #include <immintrin.h>
 #endif
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
+
+#ifdef MIXTRAL_QGROUP_VNNI
+// torch's vector exp for fp32 with AVX-512 (exported by libtorch_cpu); weak: absent, at::silu is used.
+extern "C" __attribute__((weak)) __m512 Sleef_expf16_u10(__m512);
+#endif
 
 namespace {
 
@@ -57,6 +85,91 @@ bool vnni_on() {
   return false;
 #endif
 }
+
+// ---- threads and scratch -------------------------------------------------------------------------
+
+// Threads for a call: torch's setting, 1 inside a parallel region.
+int team_size() {
+  if (at::in_parallel_region()) return 1;
+  return std::max(1, at::get_num_threads());
+}
+
+// f(tid, nth) on nth threads of one OpenMP region (as at::parallel_for's: no num_threads clause),
+// serially with (0, 1) for nth <= 1. `barrier` in f synchronises them (a no-op with one thread).
+template <class F>
+void run_team(int nth, const F& f) {
+#ifdef _OPENMP
+  if (nth > 1) {
+#pragma omp parallel
+    { f(omp_get_thread_num(), omp_get_num_threads()); }
+    return;
+  }
+#endif
+  (void)nth;
+  f(0, 1);
+}
+
+inline void barrier(int nth) {
+#ifdef _OPENMP
+  if (nth > 1) {
+#pragma omp barrier
+  }
+#endif
+  (void)nth;
+}
+
+// The largest team a region may have here (scratch is allocated per thread up to this).
+int max_team(int nth) {
+#ifdef _OPENMP
+  return std::max(nth, omp_get_max_threads());
+#else
+  return nth;
+#endif
+}
+
+// [begin, end) of part `tid` of `nth` of n items, the cuts at multiples of `align` (the last at n).
+inline void split(int64_t n, int64_t align, int tid, int nth, int64_t& begin, int64_t& end) {
+  auto cut = [&](int64_t t) { return t >= nth ? n : std::min(n, (n * t / nth + align / 2) / align * align); };
+  begin = cut(tid);
+  end = cut(tid + 1);
+}
+
+// Scratch memory of the calling thread, kept between calls (up to kKeep bytes), 64-byte aligned pieces.
+class Arena {
+ public:
+  static constexpr size_t kKeep = size_t(64) << 20;
+  explicit Arena(size_t bytes) {
+    static thread_local std::unique_ptr<char, decltype(&std::free)> kept(nullptr, &std::free);
+    static thread_local size_t kept_size = 0;
+    bytes = (bytes + 63) / 64 * 64;
+    if (bytes <= kept_size) {
+      base_ = kept.get();
+    } else if (bytes <= kKeep) {
+      kept.reset(static_cast<char*>(std::aligned_alloc(64, bytes)));
+      TORCH_CHECK(kept, "out of memory (", bytes, " bytes of scratch)");
+      kept_size = bytes;
+      base_ = kept.get();
+    } else {
+      own_.reset(static_cast<char*>(std::aligned_alloc(64, bytes)));
+      TORCH_CHECK(own_, "out of memory (", bytes, " bytes of scratch)");
+      base_ = own_.get();
+    }
+  }
+  template <class T>
+  T* take(size_t count) {
+    T* p = reinterpret_cast<T*>(base_ + used_);
+    used_ += (count * sizeof(T) + 63) / 64 * 64;
+    return p;
+  }
+  static size_t size_of(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+ private:
+  char* base_ = nullptr;
+  size_t used_ = 0;
+  std::unique_ptr<char, decltype(&std::free)> own_{nullptr, &std::free};
+};
+
+// ---- activation quantization ---------------------------------------------------------------------
 
 // Q8_0's rule on one block of 32 values, the same fp32 operations as group.quantize_activations:
 // d = max|x| / 127, inv = 1 / d (0 if d is 0), q = roundf(x · inv) (ties away from zero) in [-127, 127].
@@ -93,61 +206,134 @@ inline float quantize_block_avx512(const float* x, int8_t* q) {
   }
   return d;
 }
+
+// The VNNI layout of prepared activations, per step of SB blocks (64 weight bytes), each [step][row],
+// in separate dense arrays (a kernel reads only what it needs):
+// - int4: the step's 128 int8 values (64 partners of the low nibbles, then 64 of the high ones), the
+//   16 int32 corrections -8 · (the lane's 8 values' sum), and d_x (4 fp32);
+// - int8: the step's 64 values + 128 as unsigned bytes (x ^ 0x80), and d_x (2 fp32).
+template <int BITS>
+struct Lay {
+  static constexpr int64_t SB = BITS == 4 ? 4 : 2;     // blocks per step
+  static constexpr int64_t QB = BITS == 4 ? 128 : 64;  // activation bytes per step
+};
 #endif
 
-// M rows of x quantized once per call: q int8 [M, K] and d_x [M, K/32]. For the VNNI path also,
-// chunk-major so that one chunk's rows lie together: xu [nc][M][64] (the chunk's 64 activations
-// + 128 as unsigned bytes, in the weights' lane order) and dx2 [nc][M][2] (its two blocks' d_x); an
-// odd last block is padded with x = 0 (byte 128) and d_x = 0.
+// M rows of x quantized per block of 32. VNNI: activations X, corrections C (int4) and d_x D (see Lay),
+// each laid out per segment of rows (qmoe: the rows of one expert; else all M rows), segment after
+// segment, [step][row of the segment] within; else q int8 [M, K] and d_x [M, K/32].
 struct Acts {
-  int64_t M = 0, K = 0, nb = 0, nc = 0;
-  at::Tensor q, dx, xu, dx2;
+  int64_t M = 0, K = 0, nb = 0, ns = 0, qb = 0, sb = 0;  // VNNI: steps, bytes and blocks per step
+  uint8_t* X = nullptr;
+  int32_t* C = nullptr;
+  float* D = nullptr;
+  int8_t* q = nullptr;
+  float* dx = nullptr;
+  const int64_t* seg0 = nullptr;  // per row: its segment's first row and number of rows (null: [0, M))
+  const int64_t* segn = nullptr;
+  // Index of the record of row m at step s (X + index · qb, C + index · 16, D + index · sb).
+  int64_t rec(int64_t s, int64_t m) const {
+    const int64_t r0 = seg0 ? seg0[m] : 0, n = segn ? segn[m] : M;
+    return ns * r0 + s * n + (m - r0);
+  }
 };
 
-Acts prepare(const float* x, int64_t M, int64_t K, int bits, bool vnni) {
+size_t acts_bytes(int64_t M, int64_t K, int bits, bool vnni) {
+  const int64_t nb = K / kAB;
+#ifdef MIXTRAL_QGROUP_VNNI
+  if (vnni) {
+    const int64_t sb = bits == 4 ? Lay<4>::SB : Lay<8>::SB, qb = bits == 4 ? Lay<4>::QB : Lay<8>::QB;
+    const int64_t ns = (nb + sb - 1) / sb;
+    return Arena::size_of(size_t(ns * M * qb)) + (bits == 4 ? Arena::size_of(size_t(ns * M * 64)) : 0) +
+           Arena::size_of(size_t(ns * M * sb) * sizeof(float));
+  }
+#endif
+  (void)bits;
+  (void)vnni;
+  return Arena::size_of(size_t(M * K)) + Arena::size_of(size_t(M * nb) * sizeof(float));
+}
+
+Acts make_acts(Arena& arena, int64_t M, int64_t K, int bits, bool vnni) {
   Acts a;
   a.M = M;
   a.K = K;
   a.nb = K / kAB;
-  a.nc = (a.nb + 1) / 2;
-  a.q = at::empty({M, K}, at::kChar);
-  a.dx = at::empty({M, a.nb}, at::kFloat);
-  int8_t* q = a.q.data_ptr<int8_t>();
-  float* dx = a.dx.data_ptr<float>();
-  const int64_t nb = a.nb, nc = a.nc;
-  if (!vnni) {
-    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t b = 0; b < nb; ++b) dx[m * nb + b] = quantize_block(x + m * K + b * kAB, q + m * K + b * kAB);
-    });
+#ifdef MIXTRAL_QGROUP_VNNI
+  if (vnni) {
+    a.sb = bits == 4 ? Lay<4>::SB : Lay<8>::SB;
+    a.qb = bits == 4 ? Lay<4>::QB : Lay<8>::QB;
+    a.ns = (a.nb + a.sb - 1) / a.sb;
+    a.X = arena.take<uint8_t>(size_t(a.ns * M * a.qb));
+    if (bits == 4) a.C = arena.take<int32_t>(size_t(a.ns * M * 16));
+    a.D = arena.take<float>(size_t(a.ns * M * a.sb));
     return a;
   }
-#ifdef MIXTRAL_QGROUP_VNNI
-  a.xu = at::empty({nc * M * 64}, at::kByte);  // 64-byte aligned (torch's CPU allocator)
-  a.dx2 = at::empty({nc * M * 2}, at::kFloat);
-  uint8_t* xu = a.xu.data_ptr<uint8_t>();
-  float* dx2 = a.dx2.data_ptr<float>();
-  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t b = 0; b < nb; ++b)
-        dx[m * nb + b] = quantize_block_avx512(x + m * K + b * kAB, q + m * K + b * kAB);
-      for (int64_t c = 0; c < nc; ++c) {
-        const bool two = 2 * c + 1 < nb;
-        __m512i v = _mm512_maskz_loadu_epi8(two ? ~__mmask64(0) : __mmask64(0xFFFFFFFFull), q + m * K + 2 * c * kAB);
-        // int8: blocks 2c | 2c+1. int4: 16-byte quarters 0, 2, 1, 3 = values 0-15 of 2c, 0-15 of 2c+1,
-        // 16-31 of 2c, 16-31 of 2c+1, the order of the nibbles.
-        if (bits == 4) v = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
-        _mm512_store_si512(xu + (c * M + m) * 64, _mm512_xor_si512(v, _mm512_set1_epi8(char(0x80))));
-        dx2[(c * M + m) * 2] = dx[m * nb + 2 * c];
-        dx2[(c * M + m) * 2 + 1] = two ? dx[m * nb + 2 * c + 1] : 0.0f;
-      }
-    }
-  });
-#else
-  (void)bits;
-  (void)nc;
 #endif
+  (void)bits;
+  (void)vnni;
+  a.q = arena.take<int8_t>(size_t(M * K));
+  a.dx = arena.take<float>(size_t(M * a.nb));
   return a;
+}
+
+#ifdef MIXTRAL_QGROUP_VNNI
+// Blocks [b0, b1) of row m (x points at the row's first value) into the records; b1 = nb also zeroes
+// the missing blocks of the last step.
+template <int BITS>
+void pack_blocks(const float* x, int64_t b0, int64_t b1, const Acts& A, int64_t m) {
+  using L = Lay<BITS>;
+  alignas(32) int8_t q[kAB];
+  const __m256i ones = _mm256_set1_epi8(1);
+  for (int64_t b = b0; b < b1; ++b) {
+    const float d = quantize_block_avx512(x + b * kAB, q);
+    const int64_t i = A.rec(b / L::SB, m);
+    uint8_t* rec = A.X + i * L::QB;
+    float* dx = A.D + i * L::SB;
+    const int64_t j = b % L::SB;
+    const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(q));
+    if constexpr (BITS == 4) {
+      int32_t* corr = A.C + i * 16;
+      const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, qv);  // Σ of each 4 values
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(rec + 16 * j), _mm256_castsi256_si128(qv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(rec + 64 + 16 * j), _mm256_extracti128_si256(qv, 1));
+      // lane 4j + l: values 4l..4l+3 and 16+4l..16+4l+3 of the block, times -8
+      const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(corr + 4 * j), _mm_sub_epi32(_mm_setzero_si128(), _mm_slli_epi32(s4, 3)));
+      dx[j] = d;
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(rec + 32 * j), _mm256_xor_si256(qv, _mm256_set1_epi8(char(0x80))));
+      dx[j] = d;
+    }
+  }
+  if (b1 == A.nb && A.nb % L::SB != 0) {
+    const int64_t i = A.rec(A.nb / L::SB, m);
+    uint8_t* rec = A.X + i * L::QB;
+    float* dx = A.D + i * L::SB;
+    for (int64_t j = A.nb % L::SB; j < L::SB; ++j) {  // x = 0
+      if constexpr (BITS == 4) {
+        std::memset(rec + 16 * j, 0, 16);
+        std::memset(rec + 64 + 16 * j, 0, 16);
+        std::memset(A.C + i * 16 + 4 * j, 0, 16);
+      } else {
+        std::memset(rec + 32 * j, 0x80, 32);
+      }
+      dx[j] = 0.0f;
+    }
+  }
+}
+#endif
+
+// Blocks [b0, b1) of row m of A from x (the row's first value).
+void quantize_blocks(int bits, bool vnni, const float* x, int64_t b0, int64_t b1, const Acts& A, int64_t m) {
+#ifdef MIXTRAL_QGROUP_VNNI
+  if (vnni) {
+    if (bits == 4) return pack_blocks<4>(x, b0, b1, A, m);
+    return pack_blocks<8>(x, b0, b1, A, m);
+  }
+#endif
+  (void)bits;
+  (void)vnni;
+  for (int64_t b = b0; b < b1; ++b) A.dx[m * A.nb + b] = quantize_block(x + b * kAB, A.q + m * A.K + b * kAB);
 }
 
 // ---- portable scalar path ------------------------------------------------------------------------
@@ -165,161 +351,9 @@ inline int32_t block_dot(int bits, const int8_t* xq, const uint8_t* w) {
   return dot;
 }
 
-// y[m * ldy + n] for all rows m of x and weight rows n in [n0, n1).
-void scalar_range(int bits, const Acts& A, const uint8_t* w, int64_t wstride, const at::Half* s, int64_t ng,
-                  float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  const int64_t nb = A.nb, per = nb / ng, bb = bits == 8 ? kAB : kAB / 2;
-  const int8_t* q = A.q.data_ptr<int8_t>();
-  const float* dx = A.dx.data_ptr<float>();
-  std::vector<float> dw(nb);
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t b = 0; b < nb; ++b) dw[b] = static_cast<float>(s[n * ng + b / per]);
-    const uint8_t* wr = w + n * wstride;
-    for (int64_t m = 0; m < A.M; ++m) {
-      const int8_t* xq = q + m * A.K;
-      const float* dxm = dx + m * nb;
-      float acc = 0.0f;
-      for (int64_t b = 0; b < nb; ++b)
-        acc += static_cast<float>(block_dot(bits, xq + b * kAB, wr + b * bb)) * (dxm[b] * dw[b]);
-      y[m * ldy + n] = acc;
-    }
-  }
-}
-
-// ---- AVX-512 VNNI path ---------------------------------------------------------------------------
-#ifdef MIXTRAL_QGROUP_VNNI
-
-// Weights are prefetched into L2 this far ahead of their use: without it, rows longer than ~8K values
-// streamed from DRAM ~1.5x slower (4096x14336 int8 matrix, one row of x: 5.2 -> 2.9 ms on 1 core).
-constexpr int64_t kPrefetch = 12288;
-
-// One chunk (two blocks) of one weight row: ws = the signed values as int8 in the activations' lane
-// order, start = -128 · (sum of each lane's 4 values), so that dpbusd(start, x + 128, ws) = Σ x · w
-// exactly (|partial sums| <= 4 · 255 · 127). HALF: only the first block is read (the second's bytes
-// read as 0, and its activations are 0).
-struct WChunk {
-  __m512i ws, start;
-};
-
-template <int BITS, bool HALF>
-__attribute__((always_inline)) inline WChunk load_w(const uint8_t* p) {
-  // -128 · Σ ws = Σ (ws + 128) · (-128) + 4 · 128 · 128 per lane, with ws + 128 = ws ^ 0x80 unsigned.
-  const __m512i k65536 = _mm512_set1_epi32(65536), m128 = _mm512_set1_epi8(char(-128));
-  __m512i ws, wu;
-  if constexpr (BITS == 8) {
-    ws = HALF ? _mm512_maskz_loadu_epi8(__mmask64(0xFFFFFFFFull), p) : _mm512_loadu_si512(p);
-    wu = _mm512_xor_si512(ws, m128);
-  } else {
-    // The chunk's 32 bytes in both halves of a zmm: low nibbles in the lower half, high ones in
-    // the upper (values 0-15 of each block, then 16-31), each nibble n becoming n - 8 as int8.
-    const __m256i h = HALF ? _mm256_maskz_loadu_epi8(__mmask32(0xFFFF), p)
-                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m512i b = _mm512_broadcast_i64x4(h);
-#if defined(__GFNI__)
-    // GF(2) affine map per byte (matrix per qword, the row of output bit i in its byte 7 - i):
-    // output bits 0-2 = the nibble's bits 0-2, bits 3-7 = its bit 3, then ^ 0xF8 = n - 8 as int8
-    // (^ 0x78 for ws ^ 0x80). The lower half's matrix takes the low nibble, the upper half's the high.
-    const __m512i mat = _mm512_set_epi64(0x1020408080808080ll, 0x1020408080808080ll, 0x1020408080808080ll,
-                                         0x1020408080808080ll, 0x0102040808080808ll, 0x0102040808080808ll,
-                                         0x0102040808080808ll, 0x0102040808080808ll);
-    ws = _mm512_gf2p8affine_epi64_epi8(b, mat, 0xF8);
-    wu = _mm512_gf2p8affine_epi64_epi8(b, mat, 0x78);
-#else
-    const __m512i nib = _mm512_and_si512(_mm512_mask_srli_epi16(b, __mmask32(0xFFFF0000u), b, 4),
-                                         _mm512_set1_epi8(0x0F));
-    ws = _mm512_sub_epi8(nib, _mm512_set1_epi8(8));
-    wu = _mm512_xor_si512(ws, m128);
-#endif
-  }
-  return {ws, _mm512_dpbusd_epi32(k65536, wu, m128)};
-}
-
-// One chunk (blocks 2c, 2c+1) for R weight rows and MT rows of x: xu, dx2 = the chunk's first row
-// of packed activations, w = the first weight row's chunk, dw = its per-block fp32 scales from 2c.
-template <int BITS, int MT, int R, bool HALF>
-__attribute__((always_inline)) inline void vnni_step(const uint8_t* xu, const float* dx2, const uint8_t* w,
-                                                     int64_t wstride, const float* dw, int64_t dwstride,
-                                                     __m512i idx, __m512 (&acc)[R][MT]) {
-  WChunk wc[R];
-  __m128 dw2[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + r * wstride + kPrefetch), _MM_HINT_T1);
-    wc[r] = load_w<BITS, HALF>(w + r * wstride);
-    dw2[r] = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(dw + r * dwstride)));
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m) {
-    const __m512i xv = _mm512_load_si512(xu + m * 64);
-    const __m128 dxm = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(dx2 + 2 * m)));
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(wc[r].start, xv, wc[r].ws));
-      const __m512 scale = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_mul_ps(dw2[r], dxm)));
-      acc[r][m] = _mm512_fmadd_ps(dot, scale, acc[r][m]);
-    }
-  }
-}
-
-// y[m * ldy + r] for MT rows of x (packed activations of all M rows from row m0: xu, dx2) and R
-// weight rows (w, their block scales dw).
-template <int BITS, int MT, int R, int U>
-void vnni_tile(const Acts& A, int64_t m0, const uint8_t* w, int64_t wstride, const float* dw, int64_t dwstride,
-               float* y, int64_t ldy) {
-  constexpr int64_t CB = BITS == 8 ? 64 : 32;  // weight bytes per chunk
-  const int64_t M = A.M, nb = A.nb;
-  const uint8_t* xu = A.xu.data_ptr<uint8_t>() + m0 * 64;
-  const float* dx2 = A.dx2.data_ptr<float>() + m0 * 2;
-  // Lane l's block within the chunk: int8 lanes 0-7 | 8-15; int4 lanes 0-3, 8-11 | 4-7, 12-15.
-  const __m512i idx = BITS == 8 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                : _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-  __m512 acc[U][R][MT];
-  for (int u = 0; u < U; ++u)
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MT; ++m) acc[u][r][m] = _mm512_setzero_ps();
-  const int64_t full = nb / 2;
-  int64_t c = 0;
-  for (; c + U <= full; c += U) {
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) {
-      const int64_t cc = c + u;
-      vnni_step<BITS, MT, R, false>(xu + cc * M * 64, dx2 + cc * M * 2, w + cc * CB, wstride, dw + 2 * cc, dwstride,
-                                    idx, acc[u]);
-    }
-  }
-  for (; c < full; ++c)
-    vnni_step<BITS, MT, R, false>(xu + c * M * 64, dx2 + c * M * 2, w + c * CB, wstride, dw + 2 * c, dwstride, idx,
-                                  acc[0]);
-  if (nb & 1)
-    vnni_step<BITS, MT, R, true>(xu + c * M * 64, dx2 + c * M * 2, w + c * CB, wstride, dw + 2 * c, dwstride, idx,
-                                 acc[0]);
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) {
-      __m512 s = acc[0][r][m];
-      for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][r][m]);
-      y[m * ldy + r] = _mm512_reduce_add_ps(s);
-    }
-}
-
-template <int BITS, int R>
-void vnni_tile_any(int mt, const Acts& A, int64_t m0, const uint8_t* w, int64_t wstride, const float* dw,
-                   int64_t dwstride, float* y, int64_t ldy) {
-  // Independent fp32 accumulator chains: U per (row of w, row of x), enough to hide the FMA latency.
-  constexpr int U1 = R == 1 ? 4 : 2, U2 = R == 1 ? 2 : 1;
-  switch (mt) {
-    case 1: return vnni_tile<BITS, 1, R, U1>(A, m0, w, wstride, dw, dwstride, y, ldy);
-    case 2: return vnni_tile<BITS, 2, R, U2>(A, m0, w, wstride, dw, dwstride, y, ldy);
-    case 3: return vnni_tile<BITS, 3, R, 1>(A, m0, w, wstride, dw, dwstride, y, ldy);
-    case 4: return vnni_tile<BITS, 4, R, 1>(A, m0, w, wstride, dw, dwstride, y, ldy);
-    case 5: return vnni_tile<BITS, 5, R, 1>(A, m0, w, wstride, dw, dwstride, y, ldy);
-    case 6: return vnni_tile<BITS, 6, R, 1>(A, m0, w, wstride, dw, dwstride, y, ldy);
-    case 7: return vnni_tile<BITS, 7, R, 1>(A, m0, w, wstride, dw, dwstride, y, ldy);
-    default: return vnni_tile<BITS, 8, R, 1>(A, m0, w, wstride, dw, dwstride, y, ldy);
-  }
-}
-
-// A weight row's fp16 group scales as one fp32 per block of 32 (2 zeros of padding after nb).
+// A weight row's fp16 group scales as one fp32 per block of 32, zeros after nb up to a multiple of 4.
 inline void fill_dw(const at::Half* s, int64_t ng, int64_t per, int64_t nb, float* out) {
+#ifdef MIXTRAL_QGROUP_VNNI
   const uint16_t* h = reinterpret_cast<const uint16_t*>(s);
   if (per == 1) {
     int64_t g = 0;
@@ -332,49 +366,322 @@ inline void fill_dw(const at::Half* s, int64_t ng, int64_t per, int64_t nb, floa
   } else {
     for (int64_t g = 0; g < ng; ++g) std::fill(out + g * per, out + (g + 1) * per, _cvtsh_ss(h[g]));
   }
-  out[nb] = out[nb + 1] = 0.0f;
+#else
+  for (int64_t b = 0; b < nb; ++b) out[b] = static_cast<float>(s[b / per]);
+#endif
+  for (int64_t b = nb; b < (nb + 3) / 4 * 4; ++b) out[b] = 0.0f;
 }
 
-template <int BITS>
-void vnni_range(const Acts& A, const uint8_t* w, int64_t wstride, const at::Half* s, int64_t ng, float* y,
-                int64_t ldy, int64_t n0, int64_t n1) {
-  const int64_t M = A.M, nb = A.nb, per = nb / ng, dws = nb + 2;
-  // From 5 rows of x the kernel is compute-bound: two weight rows per pass share each activation load.
-  const int R = M >= 5 ? 2 : 1;
-  std::vector<float> dw(2 * dws);
-  const int64_t tiles = (M + kMaxTile - 1) / kMaxTile;
-  for (int64_t n = n0; n < n1;) {
-    const int rr = R == 2 && n + 2 <= n1 ? 2 : 1;
-    for (int r = 0; r < rr; ++r) fill_dw(s + (n + r) * ng, ng, per, nb, dw.data() + r * dws);
-    for (int64_t t = 0; t < tiles; ++t) {  // balanced tiles of at most kMaxTile rows
-      const int64_t m0 = t * M / tiles, m1 = (t + 1) * M / tiles;
-      const int mt = static_cast<int>(m1 - m0);
-      if (rr == 2)
-        vnni_tile_any<BITS, 2>(mt, A, m0, w + n * wstride, wstride, dw.data(), dws, y + m0 * ldy + n, ldy);
-      else
-        vnni_tile_any<BITS, 1>(mt, A, m0, w + n * wstride, wstride, dw.data(), dws, y + m0 * ldy + n, ldy);
+// Rows [m0, m0 + mc) of x times weight rows [n0, n1): y[(m - m0) * ldy + n]. dw: scratch for nb + 4
+// floats.
+void scalar_rows(int bits, const Acts& A, int64_t m0, int64_t mc, const uint8_t* w, int64_t wstride,
+                 const at::Half* s, int64_t ng, float* y, int64_t ldy, int64_t n0, int64_t n1, float* dw) {
+  const int64_t nb = A.nb, per = nb / ng, bb = bits == 8 ? kAB : kAB / 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    fill_dw(s + n * ng, ng, per, nb, dw);
+    const uint8_t* wr = w + n * wstride;
+    for (int64_t m = m0; m < m0 + mc; ++m) {
+      const int8_t* xq = A.q + m * A.K;
+      const float* dxm = A.dx + m * nb;
+      float acc = 0.0f;
+      for (int64_t b = 0; b < nb; ++b)
+        acc += static_cast<float>(block_dot(bits, xq + b * kAB, wr + b * bb)) * (dxm[b] * dw[b]);
+      y[(m - m0) * ldy + n] = acc;
     }
-    n += rr;
+  }
+}
+
+// ---- AVX-512 VNNI path ---------------------------------------------------------------------------
+#ifdef MIXTRAL_QGROUP_VNNI
+
+// Weights are prefetched into L2 this far ahead of their use: without it, rows longer than ~8K values
+// streamed from DRAM ~1.5x slower (4096x14336 int8 matrix, one row of x: 5.2 -> 2.9 ms on 1 core).
+constexpr int64_t kPrefetch = 12288;
+// int4 tiles of up to this many rows of x read 4 weight rows per pass, larger ones and int8 2: the
+// activations' loads are shared by the weight rows of a pass (this CPU runs one 64-byte load a cycle,
+// about as many as vector operations). Except int8 rows of 4 KB and more with up to 4 rows of x, read
+// one at a time (the pair of w1 and w3 rows in qmoe): streamed from DRAM, one such stream per thread
+// runs ~5-10% faster than two (4096x14336, 14336x4096). From kWsideRows rows of x, int4 puts the
+// correction on the weights' side, as int8 always does (see vnni_step).
+constexpr int64_t kQuadRows = 2, kWsideRows = 4;
+
+// One step (64 weight bytes, SB blocks) for R weight rows and MT rows of x: x, c, dx = the step's
+// activations, corrections and d_x of the tile's first row, w[r], dw[r] = the rows' bytes and block
+// scales at this step; the rows' bytes pf ahead are prefetched.
+// - int4, !WS: unsigned nibbles n times the signed activations, starting from the correction -8·Σ x.
+// - WS (int8 always, int4 with many rows of x: nothing to load per row of x but its values): the
+//   signed weights ws (n - 8, or w) times the activations + 128 as unsigned bytes, starting from
+//   -128 · (the lane's weights' sum), computed once per weight row: Σ (ws + 128)·(-128) + 4·128·128
+//   per vpdpbusd.
+template <int BITS, int MT, int R, bool TAIL, bool WS>
+__attribute__((always_inline)) inline void vnni_step(const uint8_t* x, const int32_t* c, const float* dx,
+                                                     const uint8_t* const (&w)[R], const float* const (&dw)[R],
+                                                     int64_t pf, __mmask64 tail, __m512i idx, __m512 (&acc)[R][MT]) {
+  static_assert(BITS == 4 || WS, "int8 takes the correction on the weights' side");
+  using L = Lay<BITS>;
+  const __m512i m128 = _mm512_set1_epi8(char(0x80)), low4 = _mm512_set1_epi8(0x0F);
+  __m512i lo[R], hi[R], st[R];
+  __m128 dws[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(w[r] + pf), _MM_HINT_T1);
+    __m512i b = TAIL ? _mm512_maskz_loadu_epi8(tail, w[r]) : _mm512_loadu_si512(w[r]);
+    // Loaded once into a register (GCC would otherwise read it again as a memory operand of each use:
+    // loads, not vector operations, are what this loop runs short of).
+    asm("" : "+v"(b));
+    if constexpr (BITS == 4) {
+      if constexpr (!WS) {  // unsigned nibbles (shift and mask: cheaper here than gf2p8affineqb)
+        lo[r] = _mm512_and_si512(b, low4);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
+      } else {  // n - 8 as int8
+#if defined(__GFNI__)
+        // GF(2) affine map per byte (the row of output bit i in byte 7 - i of the qword): bits 0-2 =
+        // the nibble's bits 0-2, bits 3-7 = its bit 3, then ^ 0xF8 = n - 8.
+        lo[r] = _mm512_gf2p8affine_epi64_epi8(b, _mm512_set1_epi64(0x0102040808080808ll), 0xF8);
+        hi[r] = _mm512_gf2p8affine_epi64_epi8(b, _mm512_set1_epi64(0x1020408080808080ll), 0xF8);
+#else
+        lo[r] = _mm512_sub_epi8(_mm512_and_si512(b, low4), _mm512_set1_epi8(8));
+        hi[r] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(b, 4), low4), _mm512_set1_epi8(8));
+#endif
+        st[r] = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(_mm512_set1_epi32(2 * 65536), _mm512_xor_si512(lo[r], m128), m128),
+            _mm512_xor_si512(hi[r], m128), m128);
+      }
+      dws[r] = _mm_loadu_ps(dw[r]);
+    } else {
+      lo[r] = b;
+      st[r] = _mm512_dpbusd_epi32(_mm512_set1_epi32(65536), _mm512_xor_si512(b, m128), m128);
+      dws[r] = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(dw[r])));
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) {
+    const uint8_t* xm = x + m * L::QB;
+    __m512i x0 = _mm512_load_si512(xm), x1 = x0, corr = x0;
+    if constexpr (BITS == 4) {
+      x1 = _mm512_load_si512(xm + 64);
+      if constexpr (WS) {
+        x0 = _mm512_xor_si512(x0, m128);
+        x1 = _mm512_xor_si512(x1, m128);
+      } else {
+        corr = _mm512_load_si512(c + 16 * m);
+        asm("" : "+v"(corr));
+      }
+    }
+    asm("" : "+v"(x0), "+v"(x1));  // once per row of x, shared by the R weight rows
+    const __m128 dxm = BITS == 4 ? _mm_loadu_ps(dx + 4 * m)
+                                 : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(dx + 2 * m)));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m512i d;
+      if constexpr (WS) {
+        d = _mm512_dpbusd_epi32(st[r], x0, lo[r]);
+        if constexpr (BITS == 4) d = _mm512_dpbusd_epi32(d, x1, hi[r]);
+      } else {
+        d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(corr, lo[r], x0), hi[r], x1);
+      }
+      // d_w · d_x per block, the lanes' scales
+      const __m512 scale = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_mul_ps(dws[r], dxm)));
+      acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r][m]);
+    }
+  }
+}
+
+// y[r][m * ldy] for MT rows of x (x, c, dx: their activations, corrections and d_x at step 0, M rows
+// per step) and R weight rows (w[r] their bytes, dw[r] their block scales, prefetched pf ahead).
+template <int BITS, int MT, int R, int U, bool WS>
+void vnni_tile(const uint8_t* x, const int32_t* c, const float* dx, int64_t M, int64_t nb,
+               const uint8_t* const (&w)[R], const float* const (&dw)[R], float* const (&y)[R], int64_t ldy,
+               int64_t pf) {
+  using L = Lay<BITS>;
+  const int64_t xstep = M * L::QB, cstep = BITS == 4 ? M * 16 : 0, dstep = M * L::SB;
+  // Lane l's block within the step: int4 l / 4, int8 l / 8.
+  const __m512i idx = BITS == 8 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc[U][R][MT];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[u][r][m] = _mm512_setzero_ps();
+  const int64_t full = nb / L::SB;
+  const uint8_t* wp[R];
+  const float* dp[R];
+  for (int r = 0; r < R; ++r) wp[r] = w[r], dp[r] = dw[r];
+  auto adv = [&](int64_t steps) {
+    for (int r = 0; r < R; ++r) wp[r] += 64 * steps, dp[r] += L::SB * steps;
+    x += xstep * steps;
+    c += cstep * steps;
+    dx += dstep * steps;
+  };
+  int64_t s = 0;
+  for (; s + U <= full; s += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const uint8_t* wu[R];
+      const float* du[R];
+      for (int r = 0; r < R; ++r) wu[r] = wp[r] + 64 * u, du[r] = dp[r] + L::SB * u;
+      vnni_step<BITS, MT, R, false, WS>(x + xstep * u, c + cstep * u, dx + dstep * u, wu, du, pf, 0, idx, acc[u]);
+    }
+    adv(U);
+  }
+  for (; s < full; ++s) {
+    vnni_step<BITS, MT, R, false, WS>(x, c, dx, wp, dp, pf, 0, idx, acc[0]);
+    adv(1);
+  }
+  if (nb % L::SB) {  // the last step's missing blocks: weights 0 (not read), x = 0, d_x = d_w = 0
+    const __mmask64 tail = (__mmask64(1) << (nb % L::SB * 64 / L::SB)) - 1;
+    vnni_step<BITS, MT, R, true, WS>(x, c, dx, wp, dp, pf, tail, idx, acc[0]);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      __m512 t = acc[0][r][m];
+      for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[u][r][m]);
+      y[r][m * ldy] = _mm512_reduce_add_ps(t);
+    }
+}
+
+template <int BITS, int R>
+void vnni_tile_any(int mt, const uint8_t* x, const int32_t* c, const float* dx, int64_t M, int64_t nb,
+                   const uint8_t* const (&w)[R], const float* const (&dw)[R], float* const (&y)[R], int64_t ldy,
+                   int64_t pf) {
+  // Independent fp32 accumulator chains: U per (row of w, row of x), enough to hide the FMA latency.
+  constexpr int U1 = R == 1 ? 2 : 1;
+  constexpr int W = BITS == 8 ? 1 : static_cast<int>(kWsideRows);
+  if constexpr (R == 4) {  // small tiles only
+    static_assert(kQuadRows <= 2);
+    if (mt == 1) return vnni_tile<BITS, 1, 4, 1, (1 >= W)>(x, c, dx, M, nb, w, dw, y, ldy, pf);
+    return vnni_tile<BITS, 2, 4, 1, (2 >= W)>(x, c, dx, M, nb, w, dw, y, ldy, pf);
+  } else {
+    switch (mt) {
+      case 1: return vnni_tile<BITS, 1, R, U1, (1 >= W)>(x, c, dx, M, nb, w, dw, y, ldy, pf);
+      case 2: return vnni_tile<BITS, 2, R, 1, (2 >= W)>(x, c, dx, M, nb, w, dw, y, ldy, pf);
+      case 3: return vnni_tile<BITS, 3, R, 1, (3 >= W)>(x, c, dx, M, nb, w, dw, y, ldy, pf);
+      case 4: return vnni_tile<BITS, 4, R, 1, (4 >= W)>(x, c, dx, M, nb, w, dw, y, ldy, pf);
+      case 5: return vnni_tile<BITS, 5, R, 1, (5 >= W)>(x, c, dx, M, nb, w, dw, y, ldy, pf);
+      case 6: return vnni_tile<BITS, 6, R, 1, (6 >= W)>(x, c, dx, M, nb, w, dw, y, ldy, pf);
+      case 7: return vnni_tile<BITS, 7, R, 1, (7 >= W)>(x, c, dx, M, nb, w, dw, y, ldy, pf);
+      default: return vnni_tile<BITS, 8, R, 1, (8 >= W)>(x, c, dx, M, nb, w, dw, y, ldy, pf);
+    }
+  }
+}
+
+// All tiles of rows [m0, m0 + mc) of A (a whole segment) for the R weight rows wr (block scales dw, dws
+// apart).
+template <int BITS, int R>
+void vnni_pass(const Acts& A, int64_t m0, int64_t mc, int64_t tiles, const uint8_t* const* wr, const float* dw,
+               int64_t dws, float* const* yr, int64_t ldy, int64_t pf) {
+  const uint8_t* w[R];
+  const float* d[R];
+  for (int r = 0; r < R; ++r) w[r] = wr[r], d[r] = dw + r * dws;
+  for (int64_t t = 0; t < tiles; ++t) {  // balanced tiles of at most kMaxTile rows
+    const int64_t t0 = t * mc / tiles, t1 = (t + 1) * mc / tiles;
+    float* y[R];
+    for (int r = 0; r < R; ++r) y[r] = yr[r] + t0 * ldy;
+    const int64_t i = A.rec(0, m0) + t0;
+    vnni_tile_any<BITS, R>(static_cast<int>(t1 - t0), A.X + i * A.qb, A.C + (BITS == 4 ? i * 16 : 0), A.D + i * A.sb,
+                           mc, A.nb, w, d, y, ldy, pf);
+  }
+}
+
+// Rows [m0, m0 + mc) of A (a whole segment) times weight rows [n0, n1) of nsrc matrices (1, or 2 read in
+// the same passes: rows n.. of both): y[i][(m - m0) * ldy + n]. dw: scratch for 4 · (nb + 8) floats.
+template <int BITS>
+void vnni_rows(const Acts& A, int64_t m0, int64_t mc, int nsrc, const uint8_t* const* w, int64_t wstride,
+               const at::Half* const* s, int64_t ng, float* const* y, int64_t ldy, int64_t n0, int64_t n1,
+               float* dw) {
+  const int64_t nb = A.nb, per = nb / ng, dws = (nb + 3) / 4 * 4 + 4;
+  const int64_t tiles = (mc + kMaxTile - 1) / kMaxTile;
+  const int64_t tile = (mc + tiles - 1) / tiles;
+  const int64_t rows = BITS == 4 && tile <= kQuadRows              ? 4  // weight rows per pass
+                       : BITS == 8 && tile <= 4 && wstride >= 4096 ? nsrc
+                                                                   : 2;
+  for (int64_t n = n0; n < n1;) {
+    // rr weight rows: one matrix rows n.., two matrices rows n.. of each, interleaved
+    const int64_t left = (n1 - n) * nsrc;
+    const int rr = left >= rows ? static_cast<int>(rows) : (left >= 2 ? 2 : 1);
+    const uint8_t* wr[4];
+    float* yr[4];
+    for (int r = 0; r < rr; ++r) {
+      const int src = r % nsrc;
+      const int64_t row = n + r / nsrc;
+      wr[r] = w[src] + row * wstride;
+      yr[r] = y[src] + row;
+      fill_dw(s[src] + row * ng, ng, per, nb, dw + r * dws);
+    }
+    // Prefetch each row's bytes at the same place some passes ahead: the passes consume each matrix
+    // in blocks of rr / nsrc rows, so a whole number of such blocks, at least kPrefetch bytes.
+    const int64_t block = rr / nsrc * wstride, pf = (kPrefetch + block - 1) / block * block;
+    if (rr == 4)
+      vnni_pass<BITS, 4>(A, m0, mc, tiles, wr, dw, dws, yr, ldy, pf);
+    else if (rr == 2)
+      vnni_pass<BITS, 2>(A, m0, mc, tiles, wr, dw, dws, yr, ldy, pf);
+    else
+      vnni_pass<BITS, 1>(A, m0, mc, tiles, wr, dw, dws, yr, ldy, pf);
+    n += rr / nsrc;
+  }
+}
+
+// silu(a) · b into a, 16 values at a time, as at::silu then at::mul compute it for fp32 with AVX-512:
+// x / (1 + exp(-x)) with Sleef's expf16_u10, then · b.
+inline void silu_mul_avx512(float* a, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(a + i);
+    const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(_mm512_set1_ps(-0.0f), x));
+    const __m512 sl = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    _mm512_storeu_ps(a + i, _mm512_mul_ps(sl, _mm512_loadu_ps(b + i)));
   }
 }
 #endif  // MIXTRAL_QGROUP_VNNI
 
-// y[m * ldy + n] = Σ_b dot_b(q_x[m], w[n]) · d_x[m, b] · d_w[n, b / per] for n in [n0, n1).
-void qgemv_range(int bits, bool vnni, const Acts& A, const uint8_t* w, const at::Half* s, int64_t ng, float* y,
-                 int64_t ldy, int64_t n0, int64_t n1) {
-  const int64_t wstride = bits == 8 ? A.K : A.K / 2;
+// Whether silu_mul_avx512 may replace at::silu · b here: Sleef's exp is there, torch runs its AVX-512
+// kernels, and they agree bit for bit on values across fp32's range (checked once).
+bool fast_silu() {
+#ifdef MIXTRAL_QGROUP_VNNI
+  static const bool ok = [] {
+    if (Sleef_expf16_u10 == nullptr || at::get_cpu_capability() != "AVX512") return false;
+    constexpr int64_t n = 4096;
+    auto a = at::empty({n}, at::kFloat), b = at::empty({n}, at::kFloat);
+    float* ap = a.data_ptr<float>();
+    float* bp = b.data_ptr<float>();
+    uint32_t r = 12345;
+    for (int64_t i = 0; i < n; ++i) {
+      r = r * 1664525u + 1013904223u;
+      const float u = static_cast<float>(r >> 8) / 16777216.0f;  // [0, 1)
+      ap[i] = (i % 2 ? -1.0f : 1.0f) * std::ldexp(u + 0.5f, static_cast<int>(i % 40) - 30);  // 2^-31 .. 2^9
+      bp[i] = 1.0f - u;
+    }
+    ap[0] = 0.0f, ap[1] = -0.0f, ap[2] = 88.5f, ap[3] = -88.5f, ap[4] = 104.0f, ap[5] = -104.0f;
+    auto want = at::mul(at::silu(a), b);
+    silu_mul_avx512(ap, bp, n);
+    return std::memcmp(ap, want.data_ptr<float>(), n * sizeof(float)) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Rows [m0, m0 + mc) of A times weight rows [n0, n1) of nsrc matrices (see vnni_rows).
+void qgemv_rows(int bits, bool vnni, const Acts& A, int64_t m0, int64_t mc, int nsrc, const uint8_t* const* w,
+                int64_t wstride, const at::Half* const* s, int64_t ng, float* const* y, int64_t ldy, int64_t n0,
+                int64_t n1, float* dw) {
 #ifdef MIXTRAL_QGROUP_VNNI
   if (vnni) {
-    if (bits == 8) return vnni_range<8>(A, w, wstride, s, ng, y, ldy, n0, n1);
-    return vnni_range<4>(A, w, wstride, s, ng, y, ldy, n0, n1);
+    if (bits == 8) return vnni_rows<8>(A, m0, mc, nsrc, w, wstride, s, ng, y, ldy, n0, n1, dw);
+    return vnni_rows<4>(A, m0, mc, nsrc, w, wstride, s, ng, y, ldy, n0, n1, dw);
   }
 #endif
   (void)vnni;
-  scalar_range(bits, A, w, wstride, s, ng, y, ldy, n0, n1);
+  for (int i = 0; i < nsrc; ++i) scalar_rows(bits, A, m0, mc, w[i], wstride, s[i], ng, y[i], ldy, n0, n1, dw);
 }
 
-// Weight rows per parallel task: ~16 KiB of weights keeps scheduling cheap next to the streaming.
-int64_t grain_for(int64_t row_bytes) { return std::max<int64_t>(16, 16384 / std::max<int64_t>(1, row_bytes)); }
+// A call runs on the calling thread alone below this much work, weight bytes · (rows of x + 1) / 2: a
+// region's start and end (1-3 µs with the threads awake) cost more than a second thread saves (2 cores:
+// [256, 1024] int4 from one row of x, ~8 µs, gains nothing from a second thread; [512, 1024] does).
+constexpr int64_t kSerialWork = 160 << 10;
+
+int threads_for(int64_t weight_bytes, int64_t rows) {
+  return weight_bytes * (rows + 1) / 2 < kSerialWork ? 1 : team_size();
+}
 
 void check_bits(int64_t bits) { TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits); }
 
@@ -416,13 +723,30 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, in
   x = x.contiguous();
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
+  const int ib = static_cast<int>(bits);
   const bool vnni = vnni_on();
-  const Acts A = prepare(x.data_ptr<float>(), M, K, static_cast<int>(bits), vnni);
-  const uint8_t* w = static_cast<const uint8_t*>(q.data_ptr());
-  const at::Half* s = scales.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, grain_for(q.size(1)), [&](int64_t n0, int64_t n1) {
-    qgemv_range(static_cast<int>(bits), vnni, A, w, s, ng, yp, N, n0, n1);
+  const int64_t wstride = q.size(1), nb = K / kAB, dwn = 4 * ((nb + 3) / 4 * 4 + 4);
+  const int nth = threads_for(N * wstride, M);
+  const int nmax = max_team(nth);
+  Arena arena(acts_bytes(M, K, ib, vnni) + nmax * Arena::size_of(dwn * sizeof(float)));
+  const Acts A = make_acts(arena, M, K, ib, vnni);
+  std::vector<float*> dw(nmax);
+  for (int t = 0; t < nmax; ++t) dw[t] = arena.take<float>(dwn);
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* const w[1] = {static_cast<const uint8_t*>(q.data_ptr())};
+  const at::Half* const s[1] = {scales.data_ptr<at::Half>()};
+  float* const yp[1] = {y.data_ptr<float>()};
+  run_team(nth, [&](int tid, int team) {
+    int64_t a, b;
+    split(M * nb, 1, tid, team, a, b);  // blocks of x
+    for (int64_t i = a; i < b;) {
+      const int64_t m = i / nb, e = std::min(b, (m + 1) * nb);
+      quantize_blocks(ib, vnni, xp + m * K, i - m * nb, e - m * nb, A, m);
+      i = e;
+    }
+    barrier(team);
+    split(N, 1, tid, team, a, b);
+    if (a < b) qgemv_rows(ib, vnni, A, 0, M, 1, w, wstride, s, ng, yp, N, a, b, dw[tid]);
   });
   return y;
 }
@@ -458,59 +782,128 @@ torch::Tensor qmoe(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, to
   const int64_t* id = ids_c.data_ptr<int64_t>();
   for (int64_t i = 0; i < T * k; ++i)
     TORCH_CHECK(id[i] >= 0 && id[i] < E, "expert id ", id[i], " out of range [0, ", E, ")");
-  auto y = torch::zeros({T, D}, x.options());
-  if (T == 0 || k == 0) return y;
+  auto y = torch::empty({T, D}, x.options());
+  if (T == 0 || k == 0) return y.zero_();
+  const int64_t S = T * k;  // (token, slot) pairs, one row each, sorted by expert
 
-  // Counting sort of the T·k (token, slot) pairs by expert.
-  std::vector<int64_t> start(E + 1, 0), order(T * k);
-  for (int64_t i = 0; i < T * k; ++i) ++start[id[i] + 1];
+  // Counting sort of the pairs by expert; the selected experts in order.
+  std::vector<int64_t> start(E + 1, 0), order(S), pos(S), active;
+  for (int64_t i = 0; i < S; ++i) ++start[id[i] + 1];
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t i = 0; i < T * k; ++i) order[fill[id[i]]++] = i;
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < S; ++i) order[fill[id[i]]++] = i;
+  }
+  for (int64_t i = 0; i < S; ++i) pos[order[i]] = i;
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e]) active.push_back(e);
 
   const int ib = static_cast<int>(bits);
   const bool vnni = vnni_on();
-  auto xs = torch::empty({T * k, D}, x.options());
-  auto a = torch::empty({T * k, F}, x.options()), b = torch::empty({T * k, F}, x.options());
-  auto h = torch::empty({T * k, F}, x.options());
-  auto os = torch::empty({T * k, D}, x.options());
+  const bool fused_silu = fast_silu() && F < 32768;
+  const int64_t b13 = F * w1.size(2), b2 = D * w2.size(2);  // bytes per expert
+  const int64_t nbmax = std::max(D, F) / kAB, dwn = 4 * ((nbmax + 3) / 4 * 4 + 4);
+  const int nth = threads_for(static_cast<int64_t>(active.size()) * (2 * b13 + b2), T);
+  const int nmax = max_team(nth);
+  Arena arena(acts_bytes(S, D, ib, vnni) + acts_bytes(S, F, ib, vnni) + 2 * Arena::size_of(S * F * sizeof(float)) +
+              Arena::size_of(S * D * sizeof(float)) + nmax * Arena::size_of(dwn * sizeof(float)));
+  Acts AX = make_acts(arena, S, D, ib, vnni), AH = make_acts(arena, S, F, ib, vnni);
+  std::vector<int64_t> seg0(S), segn(S);  // each expert's rows, one segment
+  for (const int64_t e : active)
+    for (int64_t r = start[e]; r < start[e + 1]; ++r) seg0[r] = start[e], segn[r] = start[e + 1] - start[e];
+  AX.seg0 = AH.seg0 = seg0.data();
+  AX.segn = AH.segn = segn.data();
+  float* ap = arena.take<float>(S * F);  // w1 · x, then h = silu(a) · b
+  float* bp = arena.take<float>(S * F);  // w3 · x
+  float* op = arena.take<float>(S * D);  // w2 · q(h) per row
+  std::vector<float*> dw(nmax);
+  for (int t = 0; t < nmax; ++t) dw[t] = arena.take<float>(dwn);
+
   const float* xp = x.data_ptr<float>();
-  float *xsp = xs.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
-  float *hp = h.data_ptr<float>(), *osp = os.data_ptr<float>();
-  for (int64_t i = 0; i < T * k; ++i) std::memcpy(xsp + i * D, xp + (order[i] / k) * D, D * sizeof(float));
   const uint8_t *w1p = static_cast<const uint8_t*>(w1.data_ptr()), *w3p = static_cast<const uint8_t*>(w3.data_ptr()),
                 *w2p = static_cast<const uint8_t*>(w2.data_ptr());
   const at::Half *s1p = s1.data_ptr<at::Half>(), *s3p = s3.data_ptr<at::Half>(), *s2p = s2.data_ptr<at::Half>();
-  const int64_t b13 = F * w1.size(2), b2 = D * w2.size(2);  // bytes per expert
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = start[e], m = start[e + 1] - start[e];
-    if (m == 0) continue;
-    const Acts ax = prepare(xsp + r0 * D, m, D, ib, vnni);
-    at::parallel_for(0, F, grain_for(2 * w1.size(2)), [&](int64_t n0, int64_t n1) {
-      qgemv_range(ib, vnni, ax, w1p + e * b13, s1p + e * F * ng1, ng1, ap + r0 * F, F, n0, n1);
-      qgemv_range(ib, vnni, ax, w3p + e * b13, s3p + e * F * ng1, ng1, bp + r0 * F, F, n0, n1);
+  const float* wp = wts.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t nbD = D / kAB;
+
+  // Phases 0 and 1: the rows of x (as pairs), then a and b for this thread's columns [f0, f1) of F
+  // (multiples of 128 values: whole steps and blocks of h).
+  auto first = [&](int tid, int team, int64_t& f0, int64_t& f1) {
+    int64_t a, b;
+    split(S * nbD, 1, tid, team, a, b);
+    for (int64_t i = a; i < b;) {
+      const int64_t r = i / nbD, e = std::min(b, (r + 1) * nbD);
+      quantize_blocks(ib, vnni, xp + (order[r] / k) * D, i - r * nbD, e - r * nbD, AX, r);
+      i = e;
+    }
+    barrier(team);
+    split(F, 128, tid, team, f0, f1);
+    if (f0 >= f1) return;
+    for (const int64_t e : active) {
+      const int64_t r0 = start[e], m = start[e + 1] - r0;
+      const uint8_t* const w[2] = {w1p + e * b13, w3p + e * b13};
+      const at::Half* const s[2] = {s1p + e * F * ng1, s3p + e * F * ng1};
+      float* const yo[2] = {ap + r0 * F, bp + r0 * F};
+      qgemv_rows(ib, vnni, AX, r0, m, 2, w, w1.size(2), s, ng1, yo, F, f0, f1, dw[tid]);
+    }
+  };
+  // h's quantization for columns [f0, f1) (h already in a).
+  auto quantize_h = [&](int64_t f0, int64_t f1) {
+    for (int64_t r = 0; r < S; ++r) quantize_blocks(ib, vnni, ap + r * F, f0 / kAB, f1 / kAB, AH, r);
+  };
+  // Phase 2: w2 rows [d0, d1) of each selected expert, then the weighted sum over the slots in slot
+  // order k = 0..k-1 per token, as the reference sums them.
+  auto second = [&](int tid, int team) {
+    int64_t d0, d1;
+    split(D, 16, tid, team, d0, d1);
+    if (d0 >= d1) return;
+    for (const int64_t e : active) {
+      const int64_t r0 = start[e], m = start[e + 1] - r0;
+      const uint8_t* const w[1] = {w2p + e * b2};
+      const at::Half* const s[1] = {s2p + e * D * ng2};
+      float* const yo[1] = {op + r0 * D};
+      qgemv_rows(ib, vnni, AH, r0, m, 1, w, w2.size(2), s, ng2, yo, D, d0, d1, dw[tid]);
+    }
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t d = d0; d < d1; ++d) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < k; ++j) acc += wp[t * k + j] * op[pos[t * k + j] * D + d];
+        yp[t * D + d] = acc;
+      }
+  };
+
+  if (fused_silu) {
+#ifdef MIXTRAL_QGROUP_VNNI
+    run_team(nth, [&](int tid, int team) {
+      int64_t f0, f1;
+      first(tid, team, f0, f1);
+      if (f0 < f1) {
+        for (int64_t r = 0; r < S; ++r) silu_mul_avx512(ap + r * F + f0, bp + r * F + f0, f1 - f0);
+        quantize_h(f0, f1);
+      }
+      barrier(team);
+      second(tid, team);
+    });
+#endif
+  } else {
+    run_team(nth, [&](int tid, int team) {
+      int64_t f0, f1;
+      first(tid, team, f0, f1);
     });
     // silu(a) · b in fp32 with torch's own silu, row by row as group.reference_moe computes it.
-    for (int64_t i = r0; i < r0 + m; ++i) {
-      at::Tensor hi = h[i];
-      at::mul_out(hi, at::silu(a[i]), b[i]);
+    for (int64_t r = 0; r < S; ++r) {
+      auto a = at::from_blob(ap + r * F, {F}, at::kFloat), b = at::from_blob(bp + r * F, {F}, at::kFloat);
+      at::mul_out(a, at::silu(a), b);
     }
-    const Acts ah = prepare(hp + r0 * F, m, F, ib, vnni);
-    at::parallel_for(0, D, grain_for(w2.size(2)), [&](int64_t n0, int64_t n1) {
-      qgemv_range(ib, vnni, ah, w2p + e * b2, s2p + e * D * ng2, ng2, osp + r0 * D, D, n0, n1);
+    run_team(nth, [&](int tid, int team) {
+      int64_t f0, f1;
+      split(F, 128, tid, team, f0, f1);
+      if (f0 < f1) quantize_h(f0, f1);
+      barrier(team);
+      second(tid, team);
     });
   }
-  // Combine in slot order k = 0..k-1 per token, as the reference sums them.
-  std::vector<int64_t> pos(T * k);
-  for (int64_t i = 0; i < T * k; ++i) pos[order[i]] = i;
-  float* yp = y.data_ptr<float>();
-  const float* wp = wts.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < k; ++j) {
-      const float g = wp[t * k + j];
-      const float* o = osp + pos[t * k + j] * D;
-      for (int64_t d = 0; d < D; ++d) yp[t * D + d] += g * o[d];
-    }
   return y;
 }
 

@@ -174,6 +174,25 @@ def test_qmoe_matches_reference(bits, group, T):
     assert torch.equal(ops.qmoe(x, ids, gates, w1[0], w3[0], w2[0], w1[1], w3[1], w2[1], bits), y)
 
 
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("bits", BITS)
+def test_qmoe_threaded_matches_reference(bits, T):
+    """Experts large enough for the kernel's threads (the small ones above run on one): each thread
+    takes a share of F (cut at multiples of 128 values) and of D. D and F have an odd number of
+    blocks (the last step of both products partial), up to 4 tokens share an expert."""
+    E, D, F = 4, 288, 1056
+    x, w1, w3, w2 = exact_moe_inputs(T, E, D, F, bits, 32, seed=T + bits + 11)
+    ids = torch.tensor(ROUTES[T])
+    gates = torch.softmax(torch.randn(T, 2), dim=-1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        y = ops.qmoe(x, ids, gates, w1[0], w3[0], w2[0], w1[1], w3[1], w2[1], bits)
+    finally:
+        torch.set_num_threads(threads)
+    close(y, reference_moe(x, ids, gates, w1, w3, w2, bits))
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_qmoe_random_experts_near_reference(bits):
     """Realistic random experts and tokens: a and b are then rounded differently from the fp64

@@ -202,10 +202,8 @@ def quantize_checkpoint(
         )
     layout = QuantLayout(spec.bits, spec.group or 0, check_targets(targets))
     src, dst = Path(src), Path(dst)
-    if quant_layout(src) is not None:
-        raise FormatError(
-            f"{src} is already quantized ({quant_layout(src).storage}); quantize a float checkpoint"
-        )
+    if (existing := quant_layout(src)) is not None:
+        raise FormatError(f"{src} is already quantized ({existing.storage}); quantize a float checkpoint")
     check_destination(dst, overwrite, src)
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists and is not empty; pass overwrite=True to replace it")

@@ -133,6 +133,8 @@ class ExpertCache:
         }
         self.view = _SlotExperts(self)
         self.record = False  # keep every layer's routed ids (routing_trace)
+        # read-ahead in flight or done: (layer, expert) -> (slot, its read)
+        self.pending: dict[tuple[int, int], tuple[int, Future]] = {}
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="mixtral-expert-reader")
         self._lock = threading.Lock()
         self.reset()
@@ -148,7 +150,6 @@ class ExpertCache:
         self.free = list(range(self.n_slots))
         self.stack: list[list[int]] = [[] for _ in range(self.n_layers)]  # most recent first
         self.slot_of: list[dict[int, int]] = [{} for _ in range(self.n_layers)]  # cached expert -> slot
-        self.pending: dict[tuple[int, int], tuple[int, Future]] = {}
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -162,11 +163,11 @@ class ExpertCache:
             raise RuntimeError("no routing recorded: set cache.record = True before running the model")
         return torch.stack([torch.cat(t) for t in self._trace]).unsqueeze(1)
 
-    def _slot(self, e: int, s: int) -> dict[str, torch.Tensor]:
+    def _slot(self, s: int) -> dict[str, torch.Tensor]:
         return {k: t[s] for k, t in self.pool.items()}
 
     def _read(self, layer: int, expert: int, slot: int) -> int:
-        return self.store.load(layer, expert, self._slot(expert, slot))
+        return self.store.load(layer, expert, self._slot(slot))
 
     # ---- one MoE call: acquire (hits, waits, loads), compute outside, release (policy) -------------
 
@@ -236,10 +237,9 @@ class ExpertCache:
             self.free.append(slot)
 
     def _drain(self) -> None:
-        for _slot, fut in getattr(self, "pending", {}).values():
+        for _, fut in self.pending.values():
             fut.result()
-        if hasattr(self, "pending"):
-            self.pending.clear()
+        self.pending.clear()
 
     def close(self) -> None:
         self._drain()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from mixtral.kernels.decode import FUSED_DECODE
 from mixtral.kernels.dispatch import AutoDispatch
 from mixtral.kernels.linear import KernelLinear
 from mixtral.model.transformer import Transformer
@@ -13,8 +14,9 @@ def apply_kernels(model: Transformer) -> Transformer:
     """Route a built model's few-row inference through the CPU kernels, in place; returns the model.
 
     The attention projections and the output head become `KernelLinear` (the same Parameters: state
-    dict, dtype moves and training are unchanged) and every MoE layer gets an `AutoDispatch` whose
-    fallback is the dispatcher it had. Matrices already replaced (quantized) keep their own paths.
+    dict, dtype moves and training are unchanged), every MoE layer gets an `AutoDispatch` whose
+    fallback is the dispatcher it had, and every block the fused decode step (`kernels.decode`: one
+    C++ call per block at a decode step whose parts it can take). Matrices already replaced (quantized) keep their own paths.
     Idempotent, and safe on any device or where the kernels cannot be built: each call decides at
     run time (`mixtral.kernels.policy`) and falls back to torch. `load_model` calls it by default.
     """
@@ -26,6 +28,7 @@ def apply_kernels(model: Transformer) -> Transformer:
         moe = layer.feed_forward
         if not isinstance(moe.dispatcher, AutoDispatch):
             moe.dispatcher = AutoDispatch(fallback=moe.dispatcher)
+        layer.fused_decode = FUSED_DECODE
     if type(model.output) is nn.Linear:
         model.output = KernelLinear.wrap(model.output)
     return model

@@ -45,6 +45,8 @@
 // integer arithmetic and the same activation quantization runs instead.
 
 #include <torch/extension.h>
+
+#include "cpu_ops.h"
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 
@@ -709,33 +711,41 @@ int64_t check_qweight(const torch::Tensor& q, const torch::Tensor& s, int64_t bi
 
 }  // namespace
 
-// y [M, N] fp32 = x [M, K] · ŵᵀ with ŵ = q (int8 [N, K], or packed uint8 [N, K/2]) in groups of K / ng
-// values with fp16 scales [N, ng]; x quantized per 32-block to int8 as group.quantize_activations.
-torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t bits) {
+// y_i [M, N_i] fp32 = x [M, K] · ŵ_iᵀ for one or more matrices of the same bits and input dimension K
+// (wq, wk, wv of a decode step): ŵ_i = q_i (int8 [N_i, K], or packed uint8 [N_i, K/2]) in groups of
+// K / ng_i values with fp16 scales [N_i, ng_i]; x quantized once per 32-block to int8 as
+// group.quantize_activations, then the rows of all the matrices split among the threads as one range.
+std::vector<torch::Tensor> qlinear_many(torch::Tensor x, const std::vector<torch::Tensor>& qs,
+                                        const std::vector<torch::Tensor>& ss, int64_t bits) {
   check_bits(bits);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be a 2-D float32 tensor [M, K], got ",
               x.scalar_type(), " of shape ", x.sizes());
-  TORCH_CHECK(q.dim() == 2 && scales.dim() == 2, "q and scales must be 2-D ([N, ...]), got shapes ", q.sizes(),
-              " and ", scales.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(!qs.empty() && qs.size() == ss.size(), "one scales tensor per weight matrix");
+  const int64_t M = x.size(0), K = x.size(1), n = static_cast<int64_t>(qs.size());
   TORCH_CHECK(K > 0 && K % kAB == 0, "x's input dimension ", K, " must be a positive multiple of ", kAB);
-  const int64_t ng = check_qweight(q, scales, bits, K, "q", "scales");
+  std::vector<int64_t> off(n + 1, 0), ng(n);
+  int64_t bytes = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(qs[i].dim() == 2 && ss[i].dim() == 2, "q and scales must be 2-D ([N, ...]), got shapes ",
+                qs[i].sizes(), " and ", ss[i].sizes());
+    ng[i] = check_qweight(qs[i], ss[i], bits, K, "q", "scales");
+    off[i + 1] = off[i] + qs[i].size(0);
+    bytes += qs[i].numel();
+  }
   x = x.contiguous();
-  auto y = torch::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
+  std::vector<torch::Tensor> ys(n);
+  for (int64_t i = 0; i < n; ++i) ys[i] = torch::empty({M, qs[i].size(0)}, x.options());
+  if (M == 0 || off[n] == 0) return ys;
   const int ib = static_cast<int>(bits);
   const bool vnni = vnni_on();
-  const int64_t wstride = q.size(1), nb = K / kAB, dwn = 4 * ((nb + 3) / 4 * 4 + 4);
-  const int nth = threads_for(N * wstride, M);
+  const int64_t nb = K / kAB, dwn = 4 * ((nb + 3) / 4 * 4 + 4);
+  const int nth = threads_for(bytes, M);
   const int nmax = max_team(nth);
   Arena arena(acts_bytes(M, K, ib, vnni) + nmax * Arena::size_of(dwn * sizeof(float)));
   const Acts A = make_acts(arena, M, K, ib, vnni);
   std::vector<float*> dw(nmax);
   for (int t = 0; t < nmax; ++t) dw[t] = arena.take<float>(dwn);
   const float* xp = x.data_ptr<float>();
-  const uint8_t* const w[1] = {static_cast<const uint8_t*>(q.data_ptr())};
-  const at::Half* const s[1] = {scales.data_ptr<at::Half>()};
-  float* const yp[1] = {y.data_ptr<float>()};
   run_team(nth, [&](int tid, int team) {
     int64_t a, b;
     split(M * nb, 1, tid, team, a, b);  // blocks of x
@@ -745,10 +755,22 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, in
       i = e;
     }
     barrier(team);
-    split(N, 1, tid, team, a, b);
-    if (a < b) qgemv_rows(ib, vnni, A, 0, M, 1, w, wstride, s, ng, yp, N, a, b, dw[tid]);
+    split(off[n], 1, tid, team, a, b);  // rows of the matrices, end to end
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r0 = std::max(a, off[i]) - off[i], r1 = std::min(b, off[i + 1]) - off[i];
+      if (r0 >= r1) continue;
+      const uint8_t* const w[1] = {static_cast<const uint8_t*>(qs[i].data_ptr())};
+      const at::Half* const s[1] = {ss[i].data_ptr<at::Half>()};
+      float* const yp[1] = {ys[i].data_ptr<float>()};
+      qgemv_rows(ib, vnni, A, 0, M, 1, w, qs[i].size(1), s, ng[i], yp, qs[i].size(0), r0, r1, dw[tid]);
+    }
   });
-  return y;
+  return ys;
+}
+
+// y [M, N] fp32 = x [M, K] · ŵᵀ (see qlinear_many).
+torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t bits) {
+  return qlinear_many(std::move(x), {q}, {scales}, bits)[0];
 }
 
 // Top-k MoE for a few tokens: y [T, D] = Σ_k weights[t, k] · w2_e · q(silu(w1_e · x_t) ⊙ (w3_e · x_t)),

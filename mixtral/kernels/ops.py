@@ -39,7 +39,7 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-SOURCES = ("cpu_kernels.cpp", "cpu_dots.cpp", "cpu_dots.h", "cpu_qgroup.cpp")
+SOURCES = ("cpu_kernels.cpp", "cpu_dots.cpp", "cpu_dots.h", "cpu_qgroup.cpp", "cpu_ops.h", "cpu_decode.cpp")
 # -fopenmp: at::parallel_for is an inline OpenMP loop, serial unless we compile with it.
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
@@ -152,6 +152,10 @@ def _register_fakes() -> None:
     def _qmoe(x, ids, weights, w1, w3, w2, s1, s3, s2, bits):
         return torch.empty_like(x, dtype=torch.float32)
 
+    @torch.library.register_fake("mixtral_cpu::decode_layer")
+    def _decode_layer(x, slots, rows, cos, sin, k_cache, v_cache, *rest):
+        return torch.empty_like(x), x.new_empty(x.shape[0], rest[7].shape[0])
+
 
 def available() -> bool:
     """True once the kernels are built and loaded (builds them on the first call)."""
@@ -256,3 +260,43 @@ def qmoe(
     are grouped by expert so each selected expert is streamed once.
     """
     return torch.ops.mixtral_cpu.qmoe(x, ids, weights, w1, w3, w2, s1, s3, s2, bits)
+
+
+def decode_layer(
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    rows: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    attention_norm: torch.Tensor,
+    ffn_norm: torch.Tensor,
+    eps: float,
+    attn_w: list[torch.Tensor],
+    attn_s: list[torch.Tensor | None],
+    attn_kind: list[int],
+    n_heads: int,
+    gate: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    s1: torch.Tensor | None,
+    s3: torch.Tensor | None,
+    s2: torch.Tensor | None,
+    moe_kind: int,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder block for one new token per row, fp32: (x_out [B, D], router logits [B, E]).
+
+    x [B, D]; slots int64 [B]: the cache slot of each row's token, its position (the last slot,
+    S - 1, is padding's, as `LayerCache` writes it); rows [B] the cache rows (None: row b); cos, sin
+    [B, hd]; k_cache, v_cache the layer's [R, KV, S, hd]; attn_w (wq, wk, wv, wo) with scales and kinds
+    (0: float or per-row int8 through `linear`, 4 / 8: group bits through `qlinear`); gate [E, D] fp32;
+    the experts w1, w3, w2 (+ scales) for `moe` (moe_kind 0) or `qmoe` (4 / 8). See cpu_decode.cpp;
+    `mixtral.kernels.decode` builds the arguments from a model's block.
+    """
+    return torch.ops.mixtral_cpu.decode_layer(
+        x, slots, rows, cos, sin, k_cache, v_cache, attention_norm, ffn_norm, eps, attn_w, attn_s, attn_kind,
+        n_heads, gate, w1, w3, w2, s1, s3, s2, moe_kind, top_k,
+    )  # fmt: skip

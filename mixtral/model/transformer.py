@@ -19,6 +19,7 @@ Conventions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -115,8 +116,15 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = MoE(config.dim, config.hidden_dim, config.n_experts, config.top_k)
+        # A whole-block decode step set from outside (`mixtral.kernels.apply_kernels`): called first
+        # with (block, x, cos_sin, cache) when there is a cache; its None means "run the modules".
+        self.fused_decode: Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     def forward(self, x, cos_sin, mask, cache: LayerCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache is not None and self.fused_decode is not None:
+            out = self.fused_decode(self, x, cos_sin, cache)
+            if out is not None:
+                return out
         h = x + self.attention(self.attention_norm(x), cos_sin, mask, cache)
         moe_out, router_logits = self.feed_forward(self.ffn_norm(h))
         return h + moe_out, router_logits

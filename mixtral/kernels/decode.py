@@ -1,0 +1,137 @@
+"""A decode step's blocks in one C++ call each (`ops.decode_layer`), where the block's parts allow it.
+
+`apply_kernels` sets `Block.fused_decode` to `FUSED_DECODE`. At each call the block asks it first;
+it answers None (and the block runs its Python path) unless this is a decode step it can take whole:
+
+- one new token per row, at most `policy.KERNEL_MAX_ROWS` rows (and the MoE kernel's slot limit),
+  fp32 activations and an fp32 KV cache, on the CPU, no autograd needed, not training, not inside
+  torch.compile, the kernels built;
+- wq, wk, wv, wo each a plain / `KernelLinear` (fp32 or bf16 weight), an int8 or bf16
+  `CompressedLinear`, or a `GroupLinear`; the experts stacked fp32 / bf16, `CompressedExperts`, or
+  `GroupExperts`; the MoE's dispatcher the kernel's own (`AutoDispatch` / `KernelDispatch`): a custom
+  dispatcher (offloading, expert parallelism) keeps the Python path, which calls it.
+
+The weights are those the modules' own kernel calls read, so the fused step computes the same
+products; it differs from the Python path only in the summation order of the norms, attention and
+router (tests/unit/test_fused_decode.py holds them together).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixtral.kernels import ops, policy
+from mixtral.kernels.dispatch import AutoDispatch, KernelDispatch
+
+# (weight, scale, kind) of a linear layer for decode_layer: kind 0 = `ops.linear`, 4 / 8 = `ops.qlinear`.
+LinearArgs = tuple[torch.Tensor, torch.Tensor | None, int]
+
+
+def linear_args(module: nn.Module) -> LinearArgs | None:
+    """What decode_layer needs to multiply by `module`'s weight, or None for a layer it cannot take."""
+    if getattr(module, "qweight", None) is not None and hasattr(
+        module, "bits"
+    ):  # quant.groupwise.GroupLinear
+        return module.qweight, module.scales, module.bits  # type: ignore[return-value]
+    weight, scale = getattr(module, "weight", None), getattr(module, "scale", None)
+    if not isinstance(weight, torch.Tensor) or getattr(module, "bias", None) is not None:
+        return None
+    if isinstance(module, nn.Linear) and weight.dtype in policy.FLOAT_DTYPES:  # nn.Linear, KernelLinear
+        return weight, None, 0
+    if (
+        hasattr(module, "storage") and weight.dim() == 2
+    ):  # quant.rowwise.CompressedLinear: int8 + scale, or bf16
+        if (weight.dtype == torch.int8 and scale is not None) or (
+            weight.dtype == torch.bfloat16 and scale is None
+        ):
+            return weight, scale, 0
+    return None
+
+
+def experts_args(experts: nn.Module) -> tuple[tuple[torch.Tensor | None, ...], int] | None:
+    """((w1, w3, w2, s1, s3, s2), kind) for decode_layer's MoE, or None."""
+    stacked = getattr(experts, "stacked", None)
+    if stacked is None:
+        return None
+    tensors = tuple(stacked())
+    if getattr(experts, "kernel_format", None) == "group":
+        return tensors, int(experts.bits)  # type: ignore[attr-defined]
+    if tensors[0].dtype not in policy.WEIGHT_DTYPES:
+        return None
+    return tensors, 0
+
+
+def _state(block: nn.Module) -> tuple[object, ...]:
+    """The objects whose identity fixes a block's decode_layer arguments: its submodules' tensors (a
+    `.to()` or a quantization replaces them), the modules themselves and the MoE's dispatcher."""
+    attention, moe = block.attention, block.feed_forward
+    mods = (*(attention._modules[n] for n in ("wq", "wk", "wv", "wo")), moe.experts, moe.gate,
+            block.attention_norm, block.ffn_norm)  # fmt: skip
+    tensors = [t for m in mods for t in (*m._parameters.values(), *m._buffers.values())]
+    return (*mods, moe.dispatcher, *tensors)
+
+
+def _build(block: nn.Module) -> tuple | None:
+    """decode_layer's per-block arguments, or None if some part is not one it takes."""
+    attention, moe = block.attention, block.feed_forward
+    if type(moe.dispatcher) not in (AutoDispatch, KernelDispatch):
+        return None
+    if block.attention_norm.weight.dtype != torch.float32 or block.ffn_norm.weight.dtype != torch.float32:
+        return None
+    linears = [linear_args(getattr(attention, n)) for n in ("wq", "wk", "wv", "wo")]
+    expert = experts_args(moe.experts)
+    if any(a is None for a in linears) or expert is None:
+        return None
+    gate = moe.gate.weight
+    if gate.dtype != torch.float32:
+        return None
+    return (
+        block.attention_norm.weight, block.ffn_norm.weight, block.ffn_norm.eps,
+        [a[0] for a in linears], [a[1] for a in linears], [a[2] for a in linears],  # type: ignore[index]
+        attention.n_heads, gate, *expert[0], expert[1], moe.top_k,
+    )  # fmt: skip
+
+
+class FusedDecode:
+    """Runs a `Block` for one decode step through `ops.decode_layer`, or answers None (see module doc).
+
+    The per-block arguments are built once and kept on the block with the identities they came from
+    (`_state`), rebuilt when one changes: a swapped module, a `.to()`, a new dispatcher."""
+
+    def __call__(
+        self, block: nn.Module, x_BTD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache
+    ):
+        B, T, D = x_BTD.shape
+        if T != 1 or B > policy.KERNEL_MAX_ROWS or x_BTD.dtype != torch.float32 or x_BTD.device.type != "cpu":
+            return None
+        if block.training or torch.compiler.is_compiling() or cache.k.dtype != torch.float32:
+            return None
+        state = _state(block)
+        kept = block.__dict__.get("_fused_decode_args")
+        if (
+            kept is None
+            or len(kept[0]) != len(state)
+            or any(a is not b for a, b in zip(kept[0], state, strict=True))
+        ):
+            kept = (state, _build(block))
+            block.__dict__["_fused_decode_args"] = kept  # not a Module attribute: no state dict entry
+        args = kept[1]
+        if args is None or B * args[-1] > policy.KERNEL_MAX_SLOTS or not ops.available():
+            return None
+        if torch.is_grad_enabled() and (
+            x_BTD.requires_grad or any(p.requires_grad for p in block.parameters())
+        ):
+            return None  # training-style call: autograd needs the modules
+        cos, sin = cos_sin
+        out, logits = ops.decode_layer(
+            x_BTD.view(B, D), cache.slots_BT.view(B), cache.rows_B, cos.view(B, -1), sin.view(B, -1),
+            cache.k, cache.v, *args,
+        )  # fmt: skip
+        return out.view(B, 1, D), logits.view(B, 1, -1)
+
+    def __repr__(self) -> str:
+        return "FusedDecode()"
+
+
+FUSED_DECODE = FusedDecode()

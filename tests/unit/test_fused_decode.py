@@ -1,0 +1,233 @@
+"""The fused decode step (`mixtral.kernels.decode`, cpu_decode.cpp) against the blocks' Python path.
+
+Each case decodes the same tokens twice, once with every block's `fused_decode` and once without, and
+compares logits step by step (the fused step only sums norms, attention and router in another order)
+and greedy tokens; then the cases where it must hand back to the Python path, and its errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from mixtral.inference import GenerationConfig, generate_ids
+from mixtral.inference.engine import Engine
+from mixtral.kernels import apply_kernels, ops
+from mixtral.kernels.decode import FUSED_DECODE
+from mixtral.model import Transformer
+from mixtral.model.cache import KVCache, LayerCache
+from mixtral.model.dispatch import SortedDispatch
+from mixtral.model.transformer import rope_cos_sin
+from mixtral.quant import quantize_model
+
+
+@pytest.fixture(autouse=True)
+def _kernels(kernels_built):
+    yield
+
+
+def build(
+    storage: str | None, targets=("experts", "attention", "output"), seed: int = 0, **changes
+) -> Transformer:
+    torch.manual_seed(seed)
+    # dim, hidden and q_dim multiples of 32 for the group formats; random weights large enough that the
+    # router's choices are not near ties.
+    config = tiny_config(dim=64, hidden_dim=128, head_dim=16, n_heads=4, n_kv_heads=2, **changes)
+    model = Transformer(config).eval()
+    model.reset_parameters(std=0.1)
+    if storage is not None:
+        quantize_model(model, storage, targets)
+    return apply_kernels(model)
+
+
+def set_fused(model: Transformer, on: bool) -> None:
+    for layer in model.layers:
+        layer.fused_decode = FUSED_DECODE if on else None
+
+
+@torch.no_grad()
+def decode_logits(model: Transformer, prompt: torch.Tensor, steps: int, fused: bool) -> list[torch.Tensor]:
+    """Greedy decode after a prefill; the logits of every decode step."""
+    set_fused(model, fused)
+    cache = KVCache.allocate(model.config, prompt.shape[0], prompt.shape[1] + steps)
+    tok = model(prompt, cache, keep_logits=1).logits[:, -1].argmax(-1, keepdim=True)
+    out = []
+    for _ in range(steps):
+        logits = model(tok, cache).logits[:, -1]
+        out.append(logits)
+        tok = logits.argmax(-1, keepdim=True)
+    return out
+
+
+@pytest.fixture
+def count_calls():
+    real = ops.decode_layer
+    count = [0]
+
+    def counting(*args):
+        count[0] += 1
+        return real(*args)
+
+    ops.decode_layer = counting
+    yield count
+    ops.decode_layer = real
+
+
+STORAGES = [None, "int4", "int8-g32", "int4-g64", "int8", "bf16"]  # int8: per-row scales
+# Max |difference| / max |logit| allowed. Float weights: summation order only. Quantized activations
+# (group formats: int8 per block of 32; per-row int8: int16 per block of 256) can round one value to
+# the next step when the norm's last bit differs, a change of up to one activation quantum.
+TOLERANCE = {None: 2e-5, "bf16": 2e-5, "int8": 1e-4, "int4": 1e-3, "int8-g32": 1e-3, "int4-g64": 1e-3}
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_equals_python_path(storage, batch, count_calls):
+    model = build(storage)
+    prompt = torch.randint(0, 97, (batch, 7), generator=torch.Generator().manual_seed(batch))
+    python = decode_logits(model, prompt, 12, fused=False)
+    assert count_calls[0] == 0
+    fused = decode_logits(model, prompt, 12, fused=True)
+    assert count_calls[0] == 12 * model.config.n_layers  # every block of every decode step, no prefill
+    for step, (a, b) in enumerate(zip(fused, python, strict=True)):
+        scale = b.abs().max()
+        assert (a - b).abs().max() <= TOLERANCE[storage] * scale, (
+            f"step {step}: {(a - b).abs().max()} vs {scale}"
+        )
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_mixed_storage_experts_only_and_longer_context(count_calls):
+    """int4 experts with float attention (wq/wk/wv by `linear`, not the grouped qkv pass), past 64 slots."""
+    model = build("int4", targets=("experts",), seed=3)
+    prompt = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(5))
+    python = decode_logits(model, prompt, 6, fused=False)
+    fused = decode_logits(model, prompt, 6, fused=True)
+    assert count_calls[0] == 6 * model.config.n_layers
+    for a, b in zip(fused, python, strict=True):
+        assert (a - b).abs().max() <= TOLERANCE["int4"] * b.abs().max()
+
+
+def test_generate_and_engine_give_the_same_tokens(count_calls):
+    """Left-padded batched generation and the serving engine (cache rows) through the fused step."""
+    from mixtral.text import load_tokenizer
+
+    model = build("int4", vocab_size=32000)
+    prompts = [[1, 5, 9, 200], [1, 7], [1, 3, 3, 3, 3, 3, 8]]
+
+    def tokens(fused):
+        set_fused(model, fused)
+        return list(generate_ids(model, prompts, max_new_tokens=10))
+
+    python = tokens(False)
+    fused = tokens(True)
+    assert count_calls[0] > 0 and fused == python
+
+    tok = load_tokenizer(None)
+    out = {}
+    for fused_on in (False, True):
+        set_fused(model, fused_on)
+        engine = Engine(model, tok, max_batch=4, step_tokens=16)
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, GenerationConfig(max_new_tokens=8))
+        got: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for o in engine.step():
+                got.setdefault(o.request_id, []).extend(o.token_ids)
+        out[fused_on] = got
+    assert out[True] == out[False]
+
+
+def block_inputs(model, rows=None, slots=(5, 9)):
+    cfg = model.config
+    B = len(slots)
+    k = torch.randn(cfg.n_layers, 4, cfg.n_kv_heads, 17, cfg.head_dim)
+    v = torch.randn_like(k)
+    positions = torch.tensor(slots)[:, None]
+    caches = LayerCache.for_layers(k, v, positions, 17 - 1, rows)
+    cos_sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float32)
+    x = torch.randn(B, 1, cfg.dim)
+    return x, cos_sin, positions, caches, k, v
+
+
+@torch.no_grad()
+def test_one_block_with_cache_rows_and_padding():
+    """Rows of the cache other than the batch's, and a padding token (position -1, the spare slot)."""
+    model = build("int8")
+    block = model.layers[1]
+    rows = torch.tensor([2, 0, 3])
+    x, cos_sin, positions, _, k, v = block_inputs(model, rows, slots=(5, -1, 12))
+    from mixtral.model.transformer import cache_mask
+
+    results = []
+    for fused in (True, False):
+        kk, vv = k.clone(), v.clone()
+        caches = LayerCache.for_layers(kk, vv, positions, 16, rows)
+        block.fused_decode = FUSED_DECODE if fused else None
+        out, logits = block(x, cos_sin, cache_mask(positions, 16), caches[1])
+        results.append((out, logits, kk, vv))
+    (a, la, ka, va), (b, lb, kb, vb) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ka, kb, rtol=1e-6, atol=1e-6)  # the same slots written, the same values
+    torch.testing.assert_close(va, vb, rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
+def test_hands_back_where_it_cannot_take_the_block(count_calls):
+    model = build(None)
+    block = model.layers[0]
+    x, cos_sin, positions, caches, _, _ = block_inputs(model)
+    assert FUSED_DECODE(block, x, cos_sin, caches[0]) is not None
+    assert count_calls[0] == 1
+    # several tokens per row (prefill), bf16 activations, training, a custom dispatcher, autograd
+    assert FUSED_DECODE(block, torch.randn(2, 3, 64), cos_sin, caches[0]) is None
+    assert FUSED_DECODE(block, x.bfloat16(), cos_sin, caches[0]) is None
+    block.train()
+    assert FUSED_DECODE(block, x, cos_sin, caches[0]) is None
+    block.eval()
+    block.feed_forward.dispatcher = SortedDispatch()
+    assert FUSED_DECODE(block, x, cos_sin, caches[0]) is None
+    apply_kernels(model)  # AutoDispatch again: the kept arguments are rebuilt
+    assert FUSED_DECODE(block, x, cos_sin, caches[0]) is not None
+    with torch.enable_grad():
+        assert FUSED_DECODE(block, x, cos_sin, caches[0]) is None
+    assert count_calls[0] == 2
+
+
+@torch.no_grad()
+def test_kept_arguments_follow_a_quantization():
+    """Quantizing after a fused step replaces the modules; the next step must use the new weights."""
+    model = build(None)
+    prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(1))
+    decode_logits(model, prompt, 2, fused=True)  # arguments kept for the float modules
+    quantize_model(model, "int4", ("experts", "attention"))
+    fused = decode_logits(model, prompt, 4, fused=True)
+    python = decode_logits(model, prompt, 4, fused=False)
+    for a, b in zip(fused, python, strict=True):
+        assert (a - b).abs().max() <= TOLERANCE["int4"] * b.abs().max()
+
+
+def test_op_rejects_bad_inputs():
+    model = build("int4")
+    block = model.layers[0]
+    x, (cos, sin), positions, caches, _, _ = block_inputs(model)
+    from mixtral.kernels.decode import _build
+
+    args = _build(block)
+    good = dict(x=x.view(2, -1), slots=caches[0].slots_BT.view(2), cos=cos.view(2, -1), sin=sin.view(2, -1))
+
+    def call(**change):
+        a = {**good, **change}
+        return ops.decode_layer(a["x"], a["slots"], None, a["cos"], a["sin"], caches[0].k, caches[0].v, *args)
+
+    call()
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        call(cos=good["cos"][:, :4].contiguous())
+    with pytest.raises(RuntimeError, match="slot 99 outside"):
+        call(slots=torch.tensor([3, 99]))
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        call(x=good["x"].double())
+    with pytest.raises(RuntimeError, match="slots must be int64"):
+        call(slots=torch.tensor([3.0, 4.0]))

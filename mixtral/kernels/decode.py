@@ -39,13 +39,14 @@ def linear_args(module: nn.Module) -> LinearArgs | None:
         return None
     if isinstance(module, nn.Linear) and weight.dtype in policy.FLOAT_DTYPES:  # nn.Linear, KernelLinear
         return weight, None, 0
+    # quant.rowwise.CompressedLinear: int8 with per-row scales, or bf16
+    int8 = weight.dtype == torch.int8 and scale is not None
     if (
-        hasattr(module, "storage") and weight.dim() == 2
-    ):  # quant.rowwise.CompressedLinear: int8 + scale, or bf16
-        if (weight.dtype == torch.int8 and scale is not None) or (
-            weight.dtype == torch.bfloat16 and scale is None
-        ):
-            return weight, scale, 0
+        hasattr(module, "storage")
+        and weight.dim() == 2
+        and (int8 or (weight.dtype == torch.bfloat16 and scale is None))
+    ):
+        return weight, scale, 0
     return None
 
 

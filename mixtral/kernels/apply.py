@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mixtral.kernels.decode import FUSED_DECODE
+from mixtral.kernels.decode import FUSED_DECODE, FUSED_STEP
 from mixtral.kernels.dispatch import AutoDispatch
 from mixtral.kernels.linear import KernelLinear
 from mixtral.model.transformer import Transformer
@@ -15,8 +15,9 @@ def apply_kernels(model: Transformer) -> Transformer:
 
     The attention projections and the output head become `KernelLinear` (the same Parameters: state
     dict, dtype moves and training are unchanged), every MoE layer gets an `AutoDispatch` whose
-    fallback is the dispatcher it had, and every block the fused decode step (`kernels.decode`: one
-    C++ call per block at a decode step whose parts it can take). Matrices already replaced (quantized) keep their own paths.
+    fallback is the dispatcher it had, every block the fused decode step and the model the fused
+    whole step (`kernels.decode`: one C++ call per block, or per step, at a decode step whose parts
+    they can take). Matrices already replaced (quantized) keep their own paths.
     Idempotent, and safe on any device or where the kernels cannot be built: each call decides at
     run time (`mixtral.kernels.policy`) and falls back to torch. `load_model` calls it by default.
     """
@@ -31,4 +32,5 @@ def apply_kernels(model: Transformer) -> Transformer:
         layer.fused_decode = FUSED_DECODE
     if type(model.output) is nn.Linear:
         model.output = KernelLinear.wrap(model.output)
+    model.fused_step = FUSED_STEP
     return model

@@ -238,12 +238,94 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
   return {hbuf, logits};
 }
 
+// A whole decode step: the embedding rows of `tokens`, RoPE's cos / sin at `positions` from
+// `inv_freq` (fp32 position · inv_freq, as rope_cos_sin), every block through decode_layer (layer l's
+// arguments at index l of each list, 4·l.. for the attention's), the final RMSNorm and the output head.
+// Returns (logits [B, V], router logits [L, B, E]).
+std::tuple<torch::Tensor, torch::Tensor> decode_step(
+    torch::Tensor tokens, torch::Tensor positions, c10::optional<torch::Tensor> rows, torch::Tensor inv_freq,
+    torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor embedding, torch::Tensor norm, torch::Tensor out_w,
+    c10::optional<torch::Tensor> out_s, int64_t out_kind, double eps, int64_t n_heads, int64_t top_k,
+    std::vector<torch::Tensor> attention_norms, std::vector<torch::Tensor> ffn_norms,
+    std::vector<torch::Tensor> attn_w, const c10::List<c10::optional<torch::Tensor>>& attn_s,
+    std::vector<int64_t> attn_kind, std::vector<torch::Tensor> gates, std::vector<torch::Tensor> w1,
+    std::vector<torch::Tensor> w3, std::vector<torch::Tensor> w2, const c10::List<c10::optional<torch::Tensor>>& s1,
+    const c10::List<c10::optional<torch::Tensor>>& s3, const c10::List<c10::optional<torch::Tensor>>& s2,
+    std::vector<int64_t> moe_kind) {
+  const int64_t L = static_cast<int64_t>(attention_norms.size());
+  TORCH_CHECK(L > 0 && ffn_norms.size() == size_t(L) && gates.size() == size_t(L) && w1.size() == size_t(L) &&
+                  w3.size() == size_t(L) && w2.size() == size_t(L) && s1.size() == size_t(L) &&
+                  s3.size() == size_t(L) && s2.size() == size_t(L) && moe_kind.size() == size_t(L) &&
+                  attn_w.size() == size_t(4 * L) && attn_s.size() == size_t(4 * L) &&
+                  attn_kind.size() == size_t(4 * L),
+              "one entry per layer in every list (four for attn_w, attn_s, attn_kind)");
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == L && v_cache.sizes() == k_cache.sizes(),
+              "k_cache and v_cache must be [L = ", L, ", R, KV, S, hd], got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  check_f32(embedding, "embedding", 2);
+  check_f32(norm, "norm", 1);
+  check_f32(inv_freq, "inv_freq", 1);
+  const int64_t B = tokens.size(0), V = embedding.size(0), D = embedding.size(1), S = k_cache.size(3),
+                hd = k_cache.size(4);
+  TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong && positions.dim() == 1 &&
+                  positions.size(0) == B && positions.scalar_type() == at::kLong,
+              "tokens and positions must be int64 [B], got ", tokens.sizes(), " and ", positions.sizes());
+  TORCH_CHECK(inv_freq.size(0) * 2 == hd, "inv_freq must have head_dim / 2 = ", hd / 2, " values, got ",
+              inv_freq.size(0));
+  TORCH_CHECK(norm.size(0) == D, "norm must have ", D, " values");
+  auto tok_c = tokens.contiguous(), pos_c = positions.contiguous();
+  const int64_t *tok = tok_c.data_ptr<int64_t>(), *pos = pos_c.data_ptr<int64_t>();
+  auto x = torch::empty({B, D}, embedding.options());
+  auto slots = torch::empty({B}, tokens.options().dtype(at::kLong));
+  auto cos = torch::empty({B, hd}, embedding.options()), sin = torch::empty({B, hd}, embedding.options());
+  const float* invp = inv_freq.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(tok[b] >= 0 && tok[b] < V, "token id ", tok[b], " outside [0, ", V, ")");
+    TORCH_CHECK(pos[b] >= -1 && pos[b] < S - 1, "position ", pos[b], " outside [-1, ", S - 1, ")");
+    std::copy(embedding.data_ptr<float>() + tok[b] * D, embedding.data_ptr<float>() + (tok[b] + 1) * D,
+              x.data_ptr<float>() + b * D);
+    slots.data_ptr<int64_t>()[b] = pos[b] < 0 ? S - 1 : pos[b];
+    const float p = static_cast<float>(std::max<int64_t>(pos[b], 0));
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      const float f = p * invp[i];
+      const float c = std::cos(f), sn = std::sin(f);
+      cos.data_ptr<float>()[b * hd + i] = cos.data_ptr<float>()[b * hd + hd / 2 + i] = c;
+      sin.data_ptr<float>()[b * hd + i] = sin.data_ptr<float>()[b * hd + hd / 2 + i] = sn;
+    }
+  }
+  std::vector<torch::Tensor> router(L);
+  for (int64_t l = 0; l < L; ++l) {
+    std::vector<torch::Tensor> aw(attn_w.begin() + 4 * l, attn_w.begin() + 4 * l + 4);
+    c10::List<c10::optional<torch::Tensor>> as;
+    for (int64_t i = 0; i < 4; ++i) as.push_back(attn_s.get(4 * l + i));
+    std::vector<int64_t> ak(attn_kind.begin() + 4 * l, attn_kind.begin() + 4 * l + 4);
+    std::tie(x, router[l]) =
+        decode_layer(x, slots, rows, cos, sin, k_cache.select(0, l), v_cache.select(0, l), attention_norms[l],
+                     ffn_norms[l], eps, std::move(aw), as, std::move(ak), n_heads, gates[l], w1[l], w3[l], w2[l],
+                     s1.get(l), s3.get(l), s2.get(l), moe_kind[l], top_k);
+  }
+  auto xn = torch::empty({B, D}, x.options());
+  for (int64_t b = 0; b < B; ++b)
+    rms_norm(x.data_ptr<float>() + b * D, norm.data_ptr<float>(), static_cast<float>(eps), D,
+             xn.data_ptr<float>() + b * D);
+  return {project(xn, out_w, out_s, out_kind, "output"), torch::stack(router)};
+}
+
 TORCH_LIBRARY_FRAGMENT(mixtral_cpu, m) {
   m.def(
       "decode_layer(Tensor x, Tensor slots, Tensor? rows, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor attention_norm, Tensor ffn_norm, float eps, Tensor[] attn_w, Tensor?[] attn_s, "
       "int[] attn_kind, int n_heads, Tensor gate, Tensor w1, Tensor w3, Tensor w2, Tensor? s1, Tensor? s3, "
       "Tensor? s2, int moe_kind, int top_k) -> (Tensor, Tensor)");
+  m.def(
+      "decode_step(Tensor tokens, Tensor positions, Tensor? rows, Tensor inv_freq, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor embedding, Tensor norm, Tensor out_w, Tensor? out_s, int out_kind, float eps, "
+      "int n_heads, int top_k, Tensor[] attention_norms, Tensor[] ffn_norms, Tensor[] attn_w, Tensor?[] attn_s, "
+      "int[] attn_kind, Tensor[] gates, Tensor[] w1, Tensor[] w3, Tensor[] w2, Tensor?[] s1, Tensor?[] s3, "
+      "Tensor?[] s2, int[] moe_kind) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) { m.impl("decode_layer", &decode_layer); }
+TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {
+  m.impl("decode_layer", &decode_layer);
+  m.impl("decode_step", &decode_step);
+}

@@ -23,6 +23,7 @@ from torch import nn
 
 from mixtral.kernels import ops, policy
 from mixtral.kernels.dispatch import AutoDispatch, KernelDispatch
+from mixtral.model.transformer import rope_inv_freq
 
 # (weight, scale, kind) of a linear layer for decode_layer: kind 0 = `ops.linear`, 4 / 8 = `ops.qlinear`.
 LinearArgs = tuple[torch.Tensor, torch.Tensor | None, int]
@@ -136,3 +137,65 @@ class FusedDecode:
 
 
 FUSED_DECODE = FusedDecode()
+
+
+class FusedStep:
+    """A whole decode step through `ops.decode_step` when every block is one `FusedDecode` takes (and the
+    embedding, final norm and output head are fp32 / a linear it reads), else None: then each block
+    still asks its own `fused_decode`. One call per step instead of one per block: on a model whose
+    weights stream from DRAM every step, the interpreter's own data is cold at each step, and the
+    per-block Python cost several times its micro-benchmark."""
+
+    def __call__(self, model: nn.Module, tokens, positions, k_cache, v_cache, rows):
+        B = tokens.shape[0]
+        if B > policy.KERNEL_MAX_ROWS or tokens.device.type != "cpu" or k_cache.dtype != torch.float32:
+            return None
+        if model.training or torch.compiler.is_compiling():
+            return None
+        blocks = model.layers
+        state = (model.tok_embeddings.weight, model.norm.weight, model.output,
+                 *model.output._parameters.values(), *model.output._buffers.values(),
+                 *(x for b in blocks for x in _state(b)))  # fmt: skip
+        kept = model.__dict__.get("_fused_step_args")
+        if (
+            kept is None
+            or len(kept[0]) != len(state)
+            or any(a is not b for a, b in zip(kept[0], state, strict=True))
+        ):
+            kept = (state, self._build(model))
+            model.__dict__["_fused_step_args"] = kept
+        args = kept[1]
+        if args is None or B * args[8] > policy.KERNEL_MAX_SLOTS or not ops.available():
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+            return None
+        logits, router = ops.decode_step(
+            tokens.view(B), positions.view(B), rows, args[0], k_cache, v_cache, *args[1:]
+        )
+        return logits.view(B, 1, -1), router.view(len(blocks), B, 1, -1)
+
+    @staticmethod
+    def _build(model: nn.Module) -> tuple | None:
+        blocks = [_build(b) for b in model.layers]
+        out = linear_args(model.output)
+        emb, norm = model.tok_embeddings.weight, model.norm.weight
+        if (
+            any(b is None for b in blocks)
+            or out is None
+            or emb.dtype != torch.float32
+            or norm.dtype != torch.float32
+        ):
+            return None
+        # _build's tuple: attention_norm, ffn_norm, eps, attn_w[4], attn_s[4], attn_kind[4], n_heads, gate,
+        # w1, w3, w2, s1, s3, s2, moe_kind, top_k
+        layers = (
+            [b[0] for b in blocks], [b[1] for b in blocks],
+            [w for b in blocks for w in b[3]], [s for b in blocks for s in b[4]], [k for b in blocks for k in b[5]],
+            *([b[i] for b in blocks] for i in range(7, 15)),
+        )  # fmt: skip
+        cfg = model.config
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+        return (inv_freq, emb, norm, *out, model.norm.eps, blocks[0][6], blocks[0][15], layers)
+
+
+FUSED_STEP = FusedStep()

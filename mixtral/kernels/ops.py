@@ -152,6 +152,12 @@ def _register_fakes() -> None:
     def _qmoe(x, ids, weights, w1, w3, w2, s1, s3, s2, bits):
         return torch.empty_like(x, dtype=torch.float32)
 
+    @torch.library.register_fake("mixtral_cpu::decode_step")
+    def _decode_step(tokens, positions, rows, inv_freq, k_cache, v_cache, embedding, norm, out_w, *rest):
+        L, B = k_cache.shape[0], tokens.shape[0]
+        gates = rest[10]
+        return embedding.new_empty(B, out_w.shape[0]), embedding.new_empty(L, B, gates[0].shape[0])
+
     @torch.library.register_fake("mixtral_cpu::decode_layer")
     def _decode_layer(x, slots, rows, cos, sin, k_cache, v_cache, *rest):
         return torch.empty_like(x), x.new_empty(x.shape[0], rest[7].shape[0])
@@ -299,4 +305,35 @@ def decode_layer(
     return torch.ops.mixtral_cpu.decode_layer(
         x, slots, rows, cos, sin, k_cache, v_cache, attention_norm, ffn_norm, eps, attn_w, attn_s, attn_kind,
         n_heads, gate, w1, w3, w2, s1, s3, s2, moe_kind, top_k,
+    )  # fmt: skip
+
+
+def decode_step(
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    rows: torch.Tensor | None,
+    inv_freq: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    embedding: torch.Tensor,
+    norm: torch.Tensor,
+    out_w: torch.Tensor,
+    out_s: torch.Tensor | None,
+    out_kind: int,
+    eps: float,
+    n_heads: int,
+    top_k: int,
+    layers: tuple[list, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole decode step of an fp32 model, one new token per row: (logits [B, V], router logits [L, B, E]).
+
+    tokens, positions int64 [B] (-1: padding); rows [B] cache rows (None: row b); inv_freq [hd/2] RoPE's
+    inverse frequencies; k_cache, v_cache [L, R, KV, S, hd]; the embedding [V, D], final norm and
+    output head (weight, scale, kind as `decode_layer`'s); `layers`: the lists attention_norms,
+    ffn_norms, attn_w (4 per layer), attn_s, attn_kind, gates, w1, w3, w2, s1, s3, s2, moe_kind.
+    Each block runs as `decode_layer`. See cpu_decode.cpp and `mixtral.kernels.decode.FusedStep`.
+    """
+    return torch.ops.mixtral_cpu.decode_step(
+        tokens, positions, rows, inv_freq, k_cache, v_cache, embedding, norm, out_w, out_s, out_kind, eps,
+        n_heads, top_k, *layers,
     )  # fmt: skip

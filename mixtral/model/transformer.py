@@ -55,12 +55,17 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """RoPE's inverse frequencies [hd/2], fp32: 1 / theta^(2i / hd)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (theta**exponent)
+
+
 def rope_cos_sin(
     positions_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, T, hd] for the rotate-half layout, computed in fp32 then cast."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions_BT.device).float() / head_dim
-    inv_freq = 1.0 / (theta**exponent)
+    inv_freq = rope_inv_freq(head_dim, theta, positions_BT.device)
     freqs_BTh = positions_BT.clamp(min=0).float()[..., None] * inv_freq
     emb_BTd = torch.cat((freqs_BTh, freqs_BTh), dim=-1)
     return emb_BTd.cos().to(dtype), emb_BTd.sin().to(dtype)
@@ -157,6 +162,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = _linear(config.dim, config.vocab_size)
         self.activation_checkpointing = False  # training only: recompute each block in backward
+        # A whole decode step set from outside (`mixtral.kernels.apply_kernels`), asked first by
+        # step_cached for one token per row: (model, tokens, positions, k, v, rows) -> (logits,
+        # router_logits) or None for "run the blocks".
+        self.fused_step: Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -215,6 +224,10 @@ class Transformer(nn.Module):
         """One cached forward with no Python state: the unit torch.compile captures for decoding.
         Writes k/v at slot = position (padding, position -1, into the spare last slot); `rows` [B]
         names the cache rows of the batch's rows (None: the cache's rows are the batch)."""
+        if self.fused_step is not None and tokens.shape[1] == 1:
+            fused = self.fused_step(self, tokens, positions, k_cache, v_cache, rows)
+            if fused is not None:
+                return ModelOutput(*fused)
         caches = LayerCache.for_layers(k_cache, v_cache, positions, attend, rows)
         return self.step(tokens, positions, cache_mask(positions, attend), caches, keep_logits)
 

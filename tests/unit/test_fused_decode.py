@@ -14,7 +14,7 @@ from helpers import tiny_config
 from mixtral.inference import GenerationConfig, generate_ids
 from mixtral.inference.engine import Engine
 from mixtral.kernels import apply_kernels, ops
-from mixtral.kernels.decode import FUSED_DECODE
+from mixtral.kernels.decode import FUSED_DECODE, FUSED_STEP
 from mixtral.model import Transformer
 from mixtral.model.cache import KVCache, LayerCache
 from mixtral.model.dispatch import SortedDispatch
@@ -41,13 +41,17 @@ def build(
     return apply_kernels(model)
 
 
-def set_fused(model: Transformer, on: bool) -> None:
+def set_fused(model: Transformer, mode: str | None) -> None:
+    """None: the modules; "block": one decode_layer call per block; "step": one decode_step per step."""
+    model.fused_step = FUSED_STEP if mode == "step" else None
     for layer in model.layers:
-        layer.fused_decode = FUSED_DECODE if on else None
+        layer.fused_decode = FUSED_DECODE if mode is not None else None
 
 
 @torch.no_grad()
-def decode_logits(model: Transformer, prompt: torch.Tensor, steps: int, fused: bool) -> list[torch.Tensor]:
+def decode_logits(
+    model: Transformer, prompt: torch.Tensor, steps: int, fused: str | None
+) -> list[torch.Tensor]:
     """Greedy decode after a prefill; the logits of every decode step."""
     set_fused(model, fused)
     cache = KVCache.allocate(model.config, prompt.shape[0], prompt.shape[1] + steps)
@@ -62,16 +66,22 @@ def decode_logits(model: Transformer, prompt: torch.Tensor, steps: int, fused: b
 
 @pytest.fixture
 def count_calls():
-    real = ops.decode_layer
-    count = [0]
+    """Counts the Python-side calls of ops.decode_layer and ops.decode_step."""
+    real = {name: getattr(ops, name) for name in ("decode_layer", "decode_step")}
+    count = {"decode_layer": 0, "decode_step": 0}
 
-    def counting(*args):
-        count[0] += 1
-        return real(*args)
+    def counting(name):
+        def call(*args):
+            count[name] += 1
+            return real[name](*args)
 
-    ops.decode_layer = counting
+        return call
+
+    for name in real:
+        setattr(ops, name, counting(name))
     yield count
-    ops.decode_layer = real
+    for name, fn in real.items():
+        setattr(ops, name, fn)
 
 
 STORAGES = [None, "int4", "int8-g32", "int4-g64", "int8", "bf16"]  # int8: per-row scales
@@ -83,13 +93,17 @@ TOLERANCE = {None: 2e-5, "bf16": 2e-5, "int8": 1e-4, "int4": 1e-3, "int8-g32": 1
 
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fused_equals_python_path(storage, batch, count_calls):
+@pytest.mark.parametrize("mode", ["block", "step"])
+def test_fused_equals_python_path(storage, batch, mode, count_calls):
     model = build(storage)
     prompt = torch.randint(0, 97, (batch, 7), generator=torch.Generator().manual_seed(batch))
-    python = decode_logits(model, prompt, 12, fused=False)
-    assert count_calls[0] == 0
-    fused = decode_logits(model, prompt, 12, fused=True)
-    assert count_calls[0] == 12 * model.config.n_layers  # every block of every decode step, no prefill
+    python = decode_logits(model, prompt, 12, fused=None)
+    assert count_calls == {"decode_layer": 0, "decode_step": 0}
+    fused = decode_logits(model, prompt, 12, fused=mode)
+    # every decode step, no prefill: one call per block, or one per step
+    want = {"decode_layer": 12 * model.config.n_layers, "decode_step": 0} if mode == "block" else {
+        "decode_layer": 0, "decode_step": 12}  # fmt: skip
+    assert count_calls == want
     for step, (a, b) in enumerate(zip(fused, python, strict=True)):
         scale = b.abs().max()
         assert (a - b).abs().max() <= TOLERANCE[storage] * scale, (
@@ -102,9 +116,9 @@ def test_mixed_storage_experts_only_and_longer_context(count_calls):
     """int4 experts with float attention (wq/wk/wv by `linear`, not the grouped qkv pass), past 64 slots."""
     model = build("int4", targets=("experts",), seed=3)
     prompt = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(5))
-    python = decode_logits(model, prompt, 6, fused=False)
-    fused = decode_logits(model, prompt, 6, fused=True)
-    assert count_calls[0] == 6 * model.config.n_layers
+    python = decode_logits(model, prompt, 6, fused=None)
+    fused = decode_logits(model, prompt, 6, fused="step")
+    assert count_calls["decode_step"] == 6
     for a, b in zip(fused, python, strict=True):
         assert (a - b).abs().max() <= TOLERANCE["int4"] * b.abs().max()
 
@@ -116,17 +130,18 @@ def test_generate_and_engine_give_the_same_tokens(count_calls):
     model = build("int4", vocab_size=32000)
     prompts = [[1, 5, 9, 200], [1, 7], [1, 3, 3, 3, 3, 3, 8]]
 
-    def tokens(fused):
-        set_fused(model, fused)
+    def tokens(mode):
+        set_fused(model, mode)
         return list(generate_ids(model, prompts, max_new_tokens=10))
 
-    python = tokens(False)
-    fused = tokens(True)
-    assert count_calls[0] > 0 and fused == python
+    python = tokens(None)
+    for mode in ("block", "step"):
+        assert tokens(mode) == python, mode
+    assert count_calls["decode_layer"] > 0 and count_calls["decode_step"] > 0
 
     tok = load_tokenizer(None)
     out = {}
-    for fused_on in (False, True):
+    for fused_on in (None, "block", "step"):
         set_fused(model, fused_on)
         engine = Engine(model, tok, max_batch=4, step_tokens=16)
         for i, p in enumerate(prompts):
@@ -136,7 +151,7 @@ def test_generate_and_engine_give_the_same_tokens(count_calls):
             for o in engine.step():
                 got.setdefault(o.request_id, []).extend(o.token_ids)
         out[fused_on] = got
-    assert out[True] == out[False]
+    assert out["block"] == out[None] and out["step"] == out[None]
 
 
 def block_inputs(model, rows=None, slots=(5, 9)):
@@ -180,7 +195,7 @@ def test_hands_back_where_it_cannot_take_the_block(count_calls):
     block = model.layers[0]
     x, cos_sin, positions, caches, _, _ = block_inputs(model)
     assert FUSED_DECODE(block, x, cos_sin, caches[0]) is not None
-    assert count_calls[0] == 1
+    assert count_calls["decode_layer"] == 1
     # several tokens per row (prefill), bf16 activations, training, a custom dispatcher, autograd
     assert FUSED_DECODE(block, torch.randn(2, 3, 64), cos_sin, caches[0]) is None
     assert FUSED_DECODE(block, x.bfloat16(), cos_sin, caches[0]) is None
@@ -193,20 +208,21 @@ def test_hands_back_where_it_cannot_take_the_block(count_calls):
     assert FUSED_DECODE(block, x, cos_sin, caches[0]) is not None
     with torch.enable_grad():
         assert FUSED_DECODE(block, x, cos_sin, caches[0]) is None
-    assert count_calls[0] == 2
+    assert count_calls["decode_layer"] == 2
 
 
 @torch.no_grad()
 def test_kept_arguments_follow_a_quantization():
     """Quantizing after a fused step replaces the modules; the next step must use the new weights."""
-    model = build(None)
     prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(1))
-    decode_logits(model, prompt, 2, fused=True)  # arguments kept for the float modules
-    quantize_model(model, "int4", ("experts", "attention"))
-    fused = decode_logits(model, prompt, 4, fused=True)
-    python = decode_logits(model, prompt, 4, fused=False)
-    for a, b in zip(fused, python, strict=True):
-        assert (a - b).abs().max() <= TOLERANCE["int4"] * b.abs().max()
+    for mode in ("block", "step"):
+        model = build(None)
+        decode_logits(model, prompt, 2, fused=mode)  # arguments kept for the float modules
+        quantize_model(model, "int4", ("experts", "attention"))
+        fused = decode_logits(model, prompt, 4, fused=mode)
+        python = decode_logits(model, prompt, 4, fused=None)
+        for a, b in zip(fused, python, strict=True):
+            assert (a - b).abs().max() <= TOLERANCE["int4"] * b.abs().max()
 
 
 def test_op_rejects_bad_inputs():
@@ -231,3 +247,26 @@ def test_op_rejects_bad_inputs():
         call(x=good["x"].double())
     with pytest.raises(RuntimeError, match="slots must be int64"):
         call(slots=torch.tensor([3.0, 4.0]))
+
+
+def test_step_hands_back_to_the_blocks_when_one_cannot_be_fused(count_calls):
+    """A custom dispatcher in one block: no whole-step call; the other blocks still fuse one by one."""
+    model = build("int4", n_layers=3)
+    model.layers[1].feed_forward.dispatcher = SortedDispatch()
+    prompt = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(2))
+    python = decode_logits(model, prompt, 5, fused=None)
+    fused = decode_logits(model, prompt, 5, fused="step")
+    assert count_calls == {"decode_layer": 5 * 2, "decode_step": 0}
+    for a, b in zip(fused, python, strict=True):
+        assert (a - b).abs().max() <= TOLERANCE["int4"] * b.abs().max()
+
+
+@torch.no_grad()
+def test_decode_step_rejects_bad_tokens_and_positions():
+    model = build(None)
+    cache = KVCache.allocate(model.config, 1, 8)
+    model(torch.tensor([[3]]), cache)  # a valid fused step
+    with pytest.raises(RuntimeError, match="token id 97 outside"):
+        model.fused_step(model, torch.tensor([[97]]), torch.tensor([[1]]), cache.k, cache.v, None)
+    with pytest.raises(RuntimeError, match="position 8 outside"):
+        model.fused_step(model, torch.tensor([[3]]), torch.tensor([[8]]), cache.k, cache.v, None)

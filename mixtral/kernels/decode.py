@@ -18,6 +18,8 @@ router (tests/unit/test_fused_decode.py holds them together).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -107,7 +109,9 @@ class FusedDecode:
         B, T, D = x_BTD.shape
         if T != 1 or B > policy.KERNEL_MAX_ROWS or x_BTD.dtype != torch.float32 or x_BTD.device.type != "cpu":
             return None
-        if block.training or torch.compiler.is_compiling() or cache.k.dtype != torch.float32:
+        if block.training or block.feed_forward.training or torch.compiler.is_compiling():
+            return None
+        if cache.k.dtype != torch.float32:
             return None
         state = _state(block)
         kept = block.__dict__.get("_fused_decode_args")
@@ -139,6 +143,54 @@ class FusedDecode:
 FUSED_DECODE = FusedDecode()
 
 
+Watch = tuple[tuple[dict, ...], tuple[str, ...], tuple[object, ...], tuple[dict, ...], tuple[int, ...]]
+
+
+# Plain attributes the arguments (or the choice to fuse) depend on; a changed value is a new object.
+_WATCHED_ATTRIBUTES = (
+    "dispatcher",
+    "top_k",
+    "eps",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "training",
+    "jitter",
+)
+
+
+def _watch(model: nn.Module) -> Watch:
+    """Every (dict, key, object) a model's decode_step arguments come from: each module on the way from
+    the model to the weights, each weight tensor, each MoE dispatcher and the attributes above, read
+    back at every step to see that none was replaced (a swapped or quantized module, a `.to()`, a new
+    dispatcher, a block put in training mode)."""
+    entries: list[tuple[dict, str]] = []
+
+    def module(m: nn.Module) -> None:
+        entries.extend((m._parameters, k) for k in m._parameters)
+        entries.extend((m._buffers, k) for k in m._buffers)
+        for k, child in m._modules.items():
+            entries.append((m._modules, k))
+            if child is not None:
+                module(child)
+        entries.extend((m.__dict__, k) for k in _WATCHED_ATTRIBUTES if k in m.__dict__)
+
+    module(model)
+    dicts, keys = zip(*entries, strict=True)
+    distinct = tuple({id(d): d for d in dicts}.values())  # and their sizes: an added module or tensor
+    return dicts, keys, tuple(map(operator.getitem, dicts, keys)), distinct, tuple(map(len, distinct))
+
+
+def _unchanged(watch: Watch) -> bool:
+    dicts, keys, objs, distinct, sizes = watch
+    if tuple(map(len, distinct)) != sizes:
+        return False
+    try:
+        return all(map(operator.is_, map(operator.getitem, dicts, keys), objs))
+    except KeyError:  # a module or tensor removed
+        return False
+
+
 class FusedStep:
     """A whole decode step through `ops.decode_step` when every block is one `FusedDecode` takes (and the
     embedding, final norm and output head are fp32 / a linear it reads), else None: then each block
@@ -152,18 +204,10 @@ class FusedStep:
             return None
         if model.training or torch.compiler.is_compiling():
             return None
-        blocks = model.layers
-        state = (model.tok_embeddings.weight, model.norm.weight, model.output,
-                 *model.output._parameters.values(), *model.output._buffers.values(),
-                 *(x for b in blocks for x in _state(b)))  # fmt: skip
         kept = model.__dict__.get("_fused_step_args")
-        if (
-            kept is None
-            or len(kept[0]) != len(state)
-            or any(a is not b for a, b in zip(kept[0], state, strict=True))
-        ):
-            kept = (state, self._build(model))
-            model.__dict__["_fused_step_args"] = kept
+        if kept is None or not _unchanged(kept[0]):
+            kept = (_watch(model), self._build(model))
+            model.__dict__["_fused_step_args"] = kept  # not a Module attribute: no state dict entry
         args = kept[1]
         if args is None or B * args[8] > policy.KERNEL_MAX_SLOTS or not ops.available():
             return None
@@ -172,10 +216,12 @@ class FusedStep:
         logits, router = ops.decode_step(
             tokens.view(B), positions.view(B), rows, args[0], k_cache, v_cache, *args[1:]
         )
-        return logits.view(B, 1, -1), router.view(len(blocks), B, 1, -1)
+        return logits.view(B, 1, -1), router.view(len(model.layers), B, 1, -1)
 
     @staticmethod
     def _build(model: nn.Module) -> tuple | None:
+        if model.training or any(b.training or b.feed_forward.training for b in model.layers):
+            return None  # the router's jitter and the Python path's own choices follow these flags
         blocks = [_build(b) for b in model.layers]
         out = linear_args(model.output)
         emb, norm = model.tok_embeddings.weight, model.norm.weight

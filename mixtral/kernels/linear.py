@@ -40,7 +40,7 @@ class KernelLinear(nn.Linear):
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features)
         new.weight = linear.weight
-        return new
+        return new.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if policy.linear_uses_kernel(x, self.weight):

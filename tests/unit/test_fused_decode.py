@@ -270,3 +270,27 @@ def test_decode_step_rejects_bad_tokens_and_positions():
         model.fused_step(model, torch.tensor([[97]]), torch.tensor([[1]]), cache.k, cache.v, None)
     with pytest.raises(RuntimeError, match="position 8 outside"):
         model.fused_step(model, torch.tensor([[3]]), torch.tensor([[8]]), cache.k, cache.v, None)
+
+
+@torch.no_grad()
+def test_whole_step_arguments_follow_changes(count_calls):
+    """Each change that alters the step is seen before the next one: a block in training mode or with
+    another dispatcher (no whole step), an added block, scales converted by `.float()`."""
+    model = build("int4", n_layers=2)
+    prompt = torch.randint(0, 97, (1, 4), generator=torch.Generator().manual_seed(4))
+    decode_logits(model, prompt, 2, fused="step")
+    assert count_calls["decode_step"] == 2
+    model.layers[0].train()
+    decode_logits(model, prompt, 2, fused="step")
+    assert count_calls["decode_step"] == 2  # handed back (and the block's own fused_decode too)
+    model.layers[0].eval()
+    model.layers.append(build("int4", seed=9).layers[0])
+    model.config = model.config.replace(n_layers=3)
+    fused = decode_logits(model, prompt, 3, fused="step")
+    python = decode_logits(model, prompt, 3, fused=None)
+    assert count_calls["decode_step"] == 2 + 3
+    for a, b in zip(fused, python, strict=True):
+        assert (a - b).abs().max() <= TOLERANCE["int4"] * b.abs().max()
+    model.float()  # the fp16 scales become fp32 tensors: new objects, read again (and refused: not fp16)
+    with pytest.raises(RuntimeError, match="float16"):
+        decode_logits(model, prompt, 1, fused="step")

@@ -128,8 +128,11 @@ def write_model(directory: Path, n_layers: int, seed: int = 0) -> Path:
     return directory
 
 
-def run_ours(directory: Path, cache: str, prefetch: bool, tokens: list[int], threads: int) -> dict:
-    """One forward per token in a child process (its own peak RSS); returns its JSON line."""
+def run_ours(
+    directory: Path, cache: str, prefetch: bool, tokens: list[int], threads: int, device: str = "cpu"
+) -> dict:
+    """One forward per token in a child process (its own peak RSS); returns its JSON line. On a CUDA
+    device the resident weights and the expert slots are in GPU memory (peak_gpu_bytes)."""
     code = f"""
 import json, time, torch
 torch.set_num_threads({threads})
@@ -137,16 +140,17 @@ from mixtral.offload import load_offloaded
 from mixtral.analysis.routing_stats import lru_hit_histogram
 from mixtral.model import KVCache
 t0 = time.perf_counter()
-model = load_offloaded({str(directory)!r}, {cache!r}, {prefetch}, dtype=torch.bfloat16)
+device = torch.device({device!r})
+model = load_offloaded({str(directory)!r}, {cache!r}, {prefetch}, dtype=torch.bfloat16, device=device)
 c = model.expert_cache
 load_s = time.perf_counter() - t0
 c.record = True
 tokens = {tokens}
-kv = KVCache.allocate(model.config, 1, len(tokens), dtype=torch.bfloat16)
+kv = KVCache.allocate(model.config, 1, len(tokens), dtype=torch.bfloat16, device=device)
 argmax, stamps = [], []
 with torch.no_grad():
     for t, tok in enumerate(tokens):
-        out = model(torch.tensor([[tok]]), cache=kv, positions=torch.tensor([[t]]))
+        out = model(torch.tensor([[tok]], device=device), cache=kv, positions=torch.tensor([[t]], device=device))
         argmax.append(int(out.logits[0, -1].argmax()))
         stamps.append(time.perf_counter())
 ids = c.routing_trace()  # [L, 1, T, K], every token in order
@@ -155,7 +159,8 @@ status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlin
 warm = len(tokens) // 4  # the first quarter fills the cache; time the rest
 print(json.dumps({{"argmax": argmax, "tok_s": (len(stamps) - 1 - warm) / (stamps[-1] - stamps[warm]),
     "load_s": load_s, "cache_experts_per_layer": c.capacity, "pool_bytes": c.resident_bytes,
-    "peak_rss_bytes": int(status["VmHWM"].split()[0]) * 1024, **c.stats.summary(),
+    "peak_rss_bytes": int(status["VmHWM"].split()[0]) * 1024, **c.stats.summary(), "device": str(device),
+    "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
     "simulated_hit_rate": float(hist[:, :c.capacity].sum() / hist.sum())}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -198,13 +203,14 @@ def sweep(directory: Path, sizes: list[int], tokens: list[int], a: argparse.Name
     """Ours at several cache sizes: tokens/s (prefetch on and off), hit rate measured and simulated."""
     rows = []
     for n in sizes:
-        on, off = (run_ours(directory, str(n), p, tokens, a.threads) for p in (True, False))
+        on, off = (run_ours(directory, str(n), p, tokens, a.threads, a.device) for p in (True, False))
         rows.append({"cache": n, "tok_s_prefetch": on["tok_s"], "tok_s": off["tok_s"], "hit_rate": off["hit_rate"],
                      "simulated_hit_rate": off["simulated_hit_rate"], "peak_rss_bytes": off["peak_rss_bytes"],
-                     "bytes_read_per_token": off["bytes_read_per_token"], "prefetch_precision": on["prefetch_precision"]})  # fmt: skip
+                     "bytes_read_per_token": off["bytes_read_per_token"], "prefetch_precision": on["prefetch_precision"],
+                     "peak_gpu_bytes": off["peak_gpu_bytes"]})  # fmt: skip
         print(f"cache {n}: {rows[-1]}", file=sys.stderr)
     name = a.model or f"8x7B shape, {a.layers} layers"
-    print(f"\n{name}: {len(tokens)} tokens one at a time, {a.threads} threads")
+    print(f"\n{name}: {len(tokens)} tokens one at a time, {a.threads} threads, on {a.device}")
     print(
         f"{'experts/layer':>13} {'tok/s':>7} {'+prefetch':>9} {'hit rate':>9} {'simulated':>9} {'peak RSS':>9} {'MiB/token':>9}"
     )
@@ -231,7 +237,14 @@ def sweep(directory: Path, sizes: list[int], tokens: list[int], a: argparse.Name
         fig.savefig(a.png, dpi=110)
     print(
         json.dumps(
-            {"bench": "offload_sweep", "model": str(name), "tokens": len(tokens), **versions(), "rows": rows}
+            {
+                "bench": "offload_sweep",
+                "model": str(name),
+                "tokens": len(tokens),
+                "device": a.device,
+                **versions(),
+                "rows": rows,
+            }
         )
     )
 
@@ -252,7 +265,12 @@ def main() -> None:
                     help="instead of the comparison: ours at these cache sizes (experts per layer), prefetch "
                     "on and off, hit rate measured and simulated; with --png, a plot")  # fmt: skip
     ap.add_argument("--png", default=None)
+    ap.add_argument(
+        "--device", default="cpu", help="cpu, or cuda: the expert slots in GPU memory (implies --no-llamacpp)"
+    )
     a = ap.parse_args()
+    if a.device != "cpu":
+        a.no_llamacpp = True
     directory = Path(a.model) if a.model else write_model(Path(a.dir), a.layers)
     if a.sweep:
         return sweep(directory, [int(x) for x in a.sweep.split(",")], text_tokens(a.tokens, a.model), a)
@@ -267,7 +285,9 @@ def main() -> None:
     runs = {}
     for prefetch in (True, False):
         t0 = time.perf_counter()
-        runs[f"ours prefetch={prefetch}"] = run_ours(directory, a.cache, prefetch, tokens, a.threads)
+        runs[f"ours prefetch={prefetch}"] = run_ours(
+            directory, a.cache, prefetch, tokens, a.threads, a.device
+        )
         print(f"ours (prefetch {prefetch}): {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     for name, r in runs.items():
         print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'argmax'})}", file=sys.stderr)

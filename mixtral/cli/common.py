@@ -74,8 +74,8 @@ def load_for_inference(path: str, options: ModelOptions | None = None):
 
 def load_offloaded_for_cli(path: str, options: ModelOptions, device: torch.device):
     """The model with offloaded experts (`--offload`), or a one-line error saying why not."""
-    if device.type != "cpu":
-        raise MixtralError("--offload runs on the CPU (its cache lives in host memory); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise MixtralError(f"--offload runs on the CPU or a CUDA GPU, not {device.type}; use --device cpu")
     if options.quantize:
         raise MixtralError("--offload reads experts quantized ahead of time; drop --quantize")
     from mixtral.offload import load_offloaded
@@ -84,7 +84,12 @@ def load_offloaded_for_cli(path: str, options: ModelOptions, device: torch.devic
     if source is not None and not Path(source).is_dir():
         raise MixtralError(f"--offload {source!r}: not a directory (give a quantized checkpoint, or 'auto')")
     model = load_offloaded(
-        path, options.expert_cache, options.prefetch, DTYPES[options.dtype], experts_from=source
+        path,
+        options.expert_cache,
+        options.prefetch,
+        DTYPES[options.dtype],
+        experts_from=source,
+        device=device,
     )
     return model.eval()
 

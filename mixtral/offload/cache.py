@@ -11,6 +11,12 @@ Memory: one pool of slots, `n_layers · capacity` for the caches plus `n_experts
 (the misses of one step, and the prefetched experts of the next layer), allocated once. Slots are
 fungible, so keeping an expert, adopting a prefetched one or dropping one moves no bytes.
 
+On a CUDA device the pool lives in GPU memory (mixtral-offloading's layout): an expert is read from
+the file into a pinned host staging buffer, copied to its slot on a copy stream of its own (after
+the compute stream has finished with the slot's previous expert: an event recorded when the slot
+was freed), and the read counts as done once that copy has landed, so the compute stream never
+sees a half-written slot. Reads for the next layer thus overlap the current layer's GPU work.
+
 Prefetch (mixtral-offloading's speculative loading): while layer l computes, layer l+1's router is
 applied to layer l's MoE input, and its predicted experts that are not cached are read into spare
 slots on a background thread. They stay outside the cache until layer l+1 uses them (then adopted,
@@ -119,8 +125,12 @@ class ExpertCache:
         capacity: int,
         prefetch: bool = True,
         compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
         cfg = store.config
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"the expert cache lives in host or CUDA memory, not on {self.device}")
         if capacity < 1:
             raise ValueError(f"expert cache capacity must be at least 1 expert per layer, got {capacity}")
         self.store, self.prefetch, self.compute_dtype = store, prefetch, compute_dtype
@@ -128,9 +138,14 @@ class ExpertCache:
         self.capacity = min(capacity, cfg.n_experts)
         self.n_slots = self.n_layers * self.capacity + self.n_experts + self.top_k
         self.pool = {
-            k: torch.empty((self.n_slots, *shape), dtype=dtype)
+            k: torch.empty((self.n_slots, *shape), dtype=dtype, device=self.device)
             for k, (dtype, shape) in store.slot_shapes().items()
         }
+        # CUDA: pinned host buffers the reads land in (one per read in flight, made on demand: the
+        # reader thread's and a blocking load's), and for each freed slot the compute stream's event
+        # after which it may be overwritten.
+        self._staging: list[tuple[dict[str, torch.Tensor], torch.cuda.Stream]] = []
+        self._freed_at: dict[int, torch.cuda.Event] = {}
         self.view = _SlotExperts(self)
         self.record = False  # keep every layer's routed ids (routing_trace)
         # read-ahead in flight or done: (layer, expert) -> (slot, its read)
@@ -167,7 +182,29 @@ class ExpertCache:
         return {k: t[s] for k, t in self.pool.items()}
 
     def _read(self, layer: int, expert: int, slot: int) -> int:
-        return self.store.load(layer, expert, self._slot(slot))
+        """Read one expert into `slot`; returns the bytes read. On CUDA, returns once it is in GPU memory."""
+        if self.device.type == "cpu":
+            return self.store.load(layer, expert, self._slot(slot))
+        with self._lock:
+            freed_at = self._freed_at.pop(slot, None)
+            staging = self._staging.pop() if self._staging else None
+        if staging is None:
+            buffers = {k: torch.empty(shape, dtype=dtype, pin_memory=True)
+                       for k, (dtype, shape) in self.store.slot_shapes().items()}  # fmt: skip
+            staging = (buffers, torch.cuda.Stream(self.device))
+        buffers, stream = staging
+        try:
+            n = self.store.load(layer, expert, buffers)
+            with torch.cuda.stream(stream):
+                if freed_at is not None:
+                    stream.wait_event(freed_at)
+                for k, t in self.pool.items():
+                    t[slot].copy_(buffers[k], non_blocking=True)
+            stream.synchronize()  # landed: visible to every stream, and the staging buffer is free again
+        finally:
+            with self._lock:
+                self._staging.append(staging)
+        return n
 
     # ---- one MoE call: acquire (hits, waits, loads), compute outside, release (policy) -------------
 
@@ -204,7 +241,7 @@ class ExpertCache:
         self._drop_pending(layer)  # read-ahead this layer did not use
         st.wait_s += time.perf_counter() - t0
         table = {**cached, **extra}
-        slots = torch.tensor([[table[e] for e in row] for row in ids], dtype=torch.long)
+        slots = torch.tensor([[table[e] for e in row] for row in ids], dtype=torch.long, device=ids_TK.device)
         return slots, extra
 
     def release(self, layer: int, ids_TK: torch.Tensor, extra: dict[int, int]) -> None:
@@ -218,7 +255,9 @@ class ExpertCache:
         keep = set(stack[: self.capacity])
         held = {**self.slot_of[layer], **extra}
         self.slot_of[layer] = {e: s for e, s in held.items() if e in keep}
-        self.free.extend(s for e, s in held.items() if e not in keep)
+        freed = [s for e, s in held.items() if e not in keep]
+        self._mark_freed(freed)
+        self.free.extend(freed)
         assert set(self.slot_of[layer]) == keep, "LRU cache lost an expert it should hold"
 
     def prefetch_layer(self, layer: int, ids_TK: torch.Tensor) -> None:
@@ -229,6 +268,15 @@ class ExpertCache:
             slot = self.free.pop()
             self.pending[(layer, e)] = (slot, self._reader.submit(self._read, layer, e, slot))
             self.stats.prefetch_issued += 1
+
+    def _mark_freed(self, slots: list[int]) -> None:
+        """CUDA: the work queued so far on the compute stream may still read `slots`; their next read
+        waits for it."""
+        if self.device.type == "cuda" and slots:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            with self._lock:
+                self._freed_at.update(dict.fromkeys(slots, event))
 
     def _drop_pending(self, layer: int) -> None:
         for key in [k for k in self.pending if k[0] == layer]:

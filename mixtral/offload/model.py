@@ -97,12 +97,15 @@ def load_offloaded(
     dtype: torch.dtype = torch.float32,
     experts_from: str | Path | None = None,
     kernels: bool = True,
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
     """A Transformer with its experts offloaded to a quantized checkpoint (see the module docstring).
 
     `path`: the model (a quantized checkpoint; its experts are the offloaded ones unless
     `experts_from` names another quantized checkpoint of the same model, when `path` may be float).
     `cache`: experts per layer kept in memory, or a byte budget for all layers ("6GiB").
+    `device`: "cpu", or a CUDA device: the resident weights and the slot pool in GPU memory, experts
+    fed through pinned host buffers (see `ExpertCache`).
     `model.expert_cache` is the `ExpertCache` (stats, reset, close).
     """
     source = Path(experts_from or path)
@@ -124,7 +127,7 @@ def load_offloaded(
     if model.config != store.config:
         raise ConfigError(f"{source} holds the experts of another model: {store.config} vs {model.config}")
     n = parse_cache_size(cache, store.expert_bytes, store.config.n_layers, store.config.n_experts)
-    expert_cache = ExpertCache(store, n, prefetch, compute_dtype=dtype)
+    expert_cache = ExpertCache(store, n, prefetch, compute_dtype=dtype, device=device)
     if kernels:
         from mixtral.kernels import apply_kernels
 
@@ -137,4 +140,4 @@ def load_offloaded(
             expert_cache, i, layers[i + 1].feed_forward.gate if i + 1 < len(layers) else None
         )
     model.expert_cache = expert_cache
-    return model
+    return model.to(device)

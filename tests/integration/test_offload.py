@@ -77,6 +77,24 @@ def test_offloaded_tokens_equal_resident(ckpts, storage, kernels, monkeypatch):
                 model.expert_cache.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("storage", ["int4", "int8-g32"])
+def test_offloaded_on_cuda_equals_resident_on_cuda(ckpts, storage):
+    """The slot pool in GPU memory, fed through pinned buffers on copy streams: the resident quantized
+    model's tokens on the same GPU, for every cache size, with and without prefetch."""
+    resident = mixtral.load_model(ckpts[storage], device="cuda")
+    want = _tokens(resident)
+    for cache in (1, 2, CFG.n_experts):
+        for prefetch in (False, True):
+            model = load_offloaded(ckpts[storage], cache, prefetch, device="cuda")
+            try:
+                assert model.expert_cache.pool["qw1"].is_cuda and model.output.weight.is_cuda
+                assert _tokens(model) == want, (cache, prefetch)
+                assert (model.expert_cache.stats.prefetch_issued > 0) == prefetch
+            finally:
+                model.expert_cache.close()
+
+
 def test_float_model_with_experts_from_a_quantized_checkpoint(ckpts):
     want = _tokens(mixtral.load_model(ckpts["int4"]))
     model = load_offloaded(ckpts["float"], 2, True, experts_from=ckpts["int4"])

@@ -1,7 +1,9 @@
-"""A decode step's blocks in one C++ call each (`ops.decode_layer`), where the block's parts allow it.
+"""The decode step in C++: the whole step in one call (`ops.decode_step`), else each block in one.
 
-`apply_kernels` sets `Block.fused_decode` to `FUSED_DECODE`. At each call the block asks it first;
-it answers None (and the block runs its Python path) unless this is a decode step it can take whole:
+`apply_kernels` sets `Transformer.fused_step` to `FUSED_STEP` and every `Block.fused_decode` to
+`FUSED_DECODE`. At a cached forward the model asks `fused_step` first, and each block its
+`fused_decode`; each answers None (and the Python path runs) unless this is a decode step it can
+take whole:
 
 - one new token per row, at most `policy.KERNEL_MAX_ROWS` rows (and the MoE kernel's slot limit),
   fp32 activations and an fp32 KV cache, on the CPU, no autograd needed, not training, not inside
@@ -9,7 +11,9 @@ it answers None (and the block runs its Python path) unless this is a decode ste
 - wq, wk, wv, wo each a plain / `KernelLinear` (fp32 or bf16 weight), an int8 or bf16
   `CompressedLinear`, or a `GroupLinear`; the experts stacked fp32 / bf16, `CompressedExperts`, or
   `GroupExperts`; the MoE's dispatcher the kernel's own (`AutoDispatch` / `KernelDispatch`): a custom
-  dispatcher (offloading, expert parallelism) keeps the Python path, which calls it.
+  dispatcher (offloading, expert parallelism) keeps the Python path, which calls it;
+- for the whole step, every block so, and the embedding, final norm and output head too (fp32, and
+  a linear layer of the kinds above). Set `model.fused_step = None` to run block by block.
 
 The weights are those the modules' own kernel calls read, so the fused step computes the same
 products; it differs from the Python path only in the summation order of the norms, attention and

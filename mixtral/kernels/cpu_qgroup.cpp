@@ -711,6 +711,9 @@ int64_t check_qweight(const torch::Tensor& q, const torch::Tensor& s, int64_t bi
 
 }  // namespace
 
+// A thread's share of an int4 matrix's rows, from this many rows per half, is read as two streams.
+constexpr int64_t kTwoStreamRows = 64;
+
 // y_i [M, N_i] fp32 = x [M, K] · ŵ_iᵀ for one or more matrices of the same bits and input dimension K
 // (wq, wk, wv of a decode step): ŵ_i = q_i (int8 [N_i, K], or packed uint8 [N_i, K/2]) in groups of
 // K / ng_i values with fp16 scales [N_i, ng_i]; x quantized once per 32-block to int8 as
@@ -759,10 +762,31 @@ std::vector<torch::Tensor> qlinear_many(torch::Tensor x, const std::vector<torch
     for (int64_t i = 0; i < n; ++i) {
       const int64_t r0 = std::max(a, off[i]) - off[i], r1 = std::min(b, off[i + 1]) - off[i];
       if (r0 >= r1) continue;
-      const uint8_t* const w[1] = {static_cast<const uint8_t*>(qs[i].data_ptr())};
-      const at::Half* const s[1] = {ss[i].data_ptr<at::Half>()};
-      float* const yp[1] = {ys[i].data_ptr<float>()};
-      qgemv_rows(ib, vnni, A, 0, M, 1, w, qs[i].size(1), s, ng[i], yp, qs[i].size(0), r0, r1, dw[tid]);
+      const uint8_t* const wq = static_cast<const uint8_t*>(qs[i].data_ptr());
+      const at::Half* const sq = ss[i].data_ptr<at::Half>();
+      float* const yq = ys[i].data_ptr<float>();
+      const int64_t ws = qs[i].size(1), half = (r1 - r0) / 2;
+      if (ib == 4 && half >= kTwoStreamRows) {
+        // int4: the share as two halves read in the same passes, as qmoe reads w1 and w3, two streams
+        // per thread. In the bench-791m decode step 2-5 % faster (4 of 4 alternating pairs); int8 is
+        // faster with one stream (the rows are twice as long), as is reading w1 and w3 one after the
+        // other in qmoe (both measured, both slower).
+        const uint8_t* const w[2] = {wq + r0 * ws, wq + (r0 + half) * ws};
+        const at::Half* const s[2] = {sq + r0 * ng[i], sq + (r0 + half) * ng[i]};
+        float* const yp[2] = {yq + r0, yq + r0 + half};
+        qgemv_rows(ib, vnni, A, 0, M, 2, w, ws, s, ng[i], yp, qs[i].size(0), 0, half, dw[tid]);
+        if (r0 + 2 * half < r1) {
+          const uint8_t* const w1[1] = {wq};
+          const at::Half* const s1[1] = {sq};
+          float* const y1[1] = {yq};
+          qgemv_rows(ib, vnni, A, 0, M, 1, w1, ws, s1, ng[i], y1, qs[i].size(0), r0 + 2 * half, r1, dw[tid]);
+        }
+        continue;
+      }
+      const uint8_t* const w[1] = {wq};
+      const at::Half* const s[1] = {sq};
+      float* const yp[1] = {yq};
+      qgemv_rows(ib, vnni, A, 0, M, 1, w, ws, s, ng[i], yp, qs[i].size(0), r0, r1, dw[tid]);
     }
   });
   return ys;

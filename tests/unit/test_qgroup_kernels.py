@@ -73,6 +73,23 @@ def test_qlinear_large_decode_shape(bits):
     close(ops.qlinear(x, q, s, bits), reference_linear(x, q, s, bits))
 
 
+@pytest.mark.parametrize("N", [128, 257, 1031])
+@pytest.mark.parametrize("M", [1, 3])
+def test_qlinear_int4_two_streams_per_thread(N, M):
+    """int4 shares of at least 2 x 64 rows are read as two halves in the same passes (an odd last row
+    apart); every row must land in its own place, at 1 and 2 threads."""
+    x = activations(M, 1024, seed=N)
+    q, s = weights(N, 1024, 4, 32, seed=N + 1)
+    want = reference_linear(x, q, s, 4)
+    close(ops.qlinear(x, q, s, 4), want)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        close(ops.qlinear(x, q, s, 4), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_zero_rows_and_zero_weight_groups(bits):
     M, K, N, group = 5, 192, 11, 64

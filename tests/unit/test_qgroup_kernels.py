@@ -90,6 +90,22 @@ def test_qlinear_int4_two_streams_per_thread(N, M):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_qmoe_int4_w2_two_streams_per_thread(threads):
+    """int4 w2 shares of at least 2 x 64 rows of D are read as two halves in the same passes."""
+    E, D, F, T = 4, 544, 256, 5
+    x, w1, w3, w2 = exact_moe_inputs(T, E, D, F, 4, 32, seed=threads + 21)
+    ids = torch.tensor(ROUTES[T])
+    gates = torch.softmax(torch.randn(T, 2), dim=-1)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = ops.qmoe(x, ids, gates, w1[0], w3[0], w2[0], w1[1], w3[1], w2[1], 4)
+    finally:
+        torch.set_num_threads(saved)
+    close(y, reference_moe(x, ids, gates, w1, w3, w2, 4))
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_zero_rows_and_zero_weight_groups(bits):
     M, K, N, group = 5, 192, 11, 64

@@ -265,11 +265,11 @@ std::tuple<torch::Tensor, torch::Tensor> decode_step(
   check_f32(embedding, "embedding", 2);
   check_f32(norm, "norm", 1);
   check_f32(inv_freq, "inv_freq", 1);
+  TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong && positions.dim() == 1 &&
+                  positions.sizes() == tokens.sizes() && positions.scalar_type() == at::kLong,
+              "tokens and positions must be int64 [B], got ", tokens.sizes(), " and ", positions.sizes());
   const int64_t B = tokens.size(0), V = embedding.size(0), D = embedding.size(1), S = k_cache.size(3),
                 hd = k_cache.size(4);
-  TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong && positions.dim() == 1 &&
-                  positions.size(0) == B && positions.scalar_type() == at::kLong,
-              "tokens and positions must be int64 [B], got ", tokens.sizes(), " and ", positions.sizes());
   TORCH_CHECK(inv_freq.size(0) * 2 == hd, "inv_freq must have head_dim / 2 = ", hd / 2, " values, got ",
               inv_freq.size(0));
   TORCH_CHECK(norm.size(0) == D, "norm must have ", D, " values");

@@ -709,10 +709,32 @@ int64_t check_qweight(const torch::Tensor& q, const torch::Tensor& s, int64_t bi
   return ng;
 }
 
-}  // namespace
-
 // A thread's share of an int4 matrix's rows, from this many rows per half, is read as two streams.
 constexpr int64_t kTwoStreamRows = 64;
+
+// Rows [m0, m0 + mc) of A times rows [r0, r1) of one matrix (w, s as in qgemv_rows; y[m * ldy + n]): a
+// thread's share. int4 shares of 2 · kTwoStreamRows rows or more are read as two halves in the same
+// passes, two streams per thread, as qmoe reads w1 and w3: in the bench-791m decode step 2-5 % faster
+// for qlinear and ~4 % for qmoe's w2 (alternating-process pairs). int8 stays one stream: two were
+// slower, as was reading qmoe's w1 and w3 one after the other (both measured).
+void qgemv_share(int bits, bool vnni, const Acts& A, int64_t m0, int64_t mc, const uint8_t* w, int64_t wstride,
+                 const at::Half* s, int64_t ng, float* y, int64_t ldy, int64_t r0, int64_t r1, float* dw) {
+  const int64_t half = (r1 - r0) / 2;
+  if (bits == 4 && half >= kTwoStreamRows) {
+    const uint8_t* const w2[2] = {w + r0 * wstride, w + (r0 + half) * wstride};
+    const at::Half* const s2[2] = {s + r0 * ng, s + (r0 + half) * ng};
+    float* const y2[2] = {y + r0, y + r0 + half};
+    qgemv_rows(bits, vnni, A, m0, mc, 2, w2, wstride, s2, ng, y2, ldy, 0, half, dw);
+    r0 += 2 * half;  // an odd last row, read alone below
+    if (r0 == r1) return;
+  }
+  const uint8_t* const w1[1] = {w};
+  const at::Half* const s1[1] = {s};
+  float* const y1[1] = {y};
+  qgemv_rows(bits, vnni, A, m0, mc, 1, w1, wstride, s1, ng, y1, ldy, r0, r1, dw);
+}
+
+}  // namespace
 
 // y_i [M, N_i] fp32 = x [M, K] · ŵ_iᵀ for one or more matrices of the same bits and input dimension K
 // (wq, wk, wv of a decode step): ŵ_i = q_i (int8 [N_i, K], or packed uint8 [N_i, K/2]) in groups of
@@ -762,31 +784,8 @@ std::vector<torch::Tensor> qlinear_many(torch::Tensor x, const std::vector<torch
     for (int64_t i = 0; i < n; ++i) {
       const int64_t r0 = std::max(a, off[i]) - off[i], r1 = std::min(b, off[i + 1]) - off[i];
       if (r0 >= r1) continue;
-      const uint8_t* const wq = static_cast<const uint8_t*>(qs[i].data_ptr());
-      const at::Half* const sq = ss[i].data_ptr<at::Half>();
-      float* const yq = ys[i].data_ptr<float>();
-      const int64_t ws = qs[i].size(1), half = (r1 - r0) / 2;
-      if (ib == 4 && half >= kTwoStreamRows) {
-        // int4: the share as two halves read in the same passes, as qmoe reads w1 and w3, two streams
-        // per thread. In the bench-791m decode step 2-5 % faster (4 of 4 alternating pairs); int8 is
-        // faster with one stream (the rows are twice as long), as is reading w1 and w3 one after the
-        // other in qmoe (both measured, both slower).
-        const uint8_t* const w[2] = {wq + r0 * ws, wq + (r0 + half) * ws};
-        const at::Half* const s[2] = {sq + r0 * ng[i], sq + (r0 + half) * ng[i]};
-        float* const yp[2] = {yq + r0, yq + r0 + half};
-        qgemv_rows(ib, vnni, A, 0, M, 2, w, ws, s, ng[i], yp, qs[i].size(0), 0, half, dw[tid]);
-        if (r0 + 2 * half < r1) {
-          const uint8_t* const w1[1] = {wq};
-          const at::Half* const s1[1] = {sq};
-          float* const y1[1] = {yq};
-          qgemv_rows(ib, vnni, A, 0, M, 1, w1, ws, s1, ng[i], y1, qs[i].size(0), r0 + 2 * half, r1, dw[tid]);
-        }
-        continue;
-      }
-      const uint8_t* const w[1] = {wq};
-      const at::Half* const s[1] = {sq};
-      float* const yp[1] = {yq};
-      qgemv_rows(ib, vnni, A, 0, M, 1, w, ws, s, ng[i], yp, qs[i].size(0), r0, r1, dw[tid]);
+      qgemv_share(ib, vnni, A, 0, M, static_cast<const uint8_t*>(qs[i].data_ptr()), qs[i].size(1),
+                  ss[i].data_ptr<at::Half>(), ng[i], ys[i].data_ptr<float>(), qs[i].size(0), r0, r1, dw[tid]);
     }
   });
   return ys;
@@ -906,19 +905,8 @@ torch::Tensor qmoe(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, to
     if (d0 >= d1) return;
     for (const int64_t e : active) {
       const int64_t r0 = start[e], m = start[e + 1] - r0;
-      const uint8_t* const w[1] = {w2p + e * b2};
-      const at::Half* const s[1] = {s2p + e * D * ng2};
-      float* const yo[1] = {op + r0 * D};
-      const int64_t half = (d1 - d0) / 2;
-      if (ib == 4 && half >= kTwoStreamRows) {  // int4: two streams, as qlinear_many (~4 % on bench-791m)
-        const uint8_t* const w_[2] = {w[0] + d0 * w2.size(2), w[0] + (d0 + half) * w2.size(2)};
-        const at::Half* const s_[2] = {s[0] + d0 * ng2, s[0] + (d0 + half) * ng2};
-        float* const y_[2] = {yo[0] + d0, yo[0] + d0 + half};
-        qgemv_rows(ib, vnni, AH, r0, m, 2, w_, w2.size(2), s_, ng2, y_, D, 0, half, dw[tid]);
-        if (d0 + 2 * half < d1) qgemv_rows(ib, vnni, AH, r0, m, 1, w, w2.size(2), s, ng2, yo, D, d0 + 2 * half, d1, dw[tid]);
-        continue;
-      }
-      qgemv_rows(ib, vnni, AH, r0, m, 1, w, w2.size(2), s, ng2, yo, D, d0, d1, dw[tid]);
+      qgemv_share(ib, vnni, AH, r0, m, w2p + e * b2, w2.size(2), s2p + e * D * ng2, ng2, op + r0 * D, D, d0, d1,
+                  dw[tid]);
     }
     for (int64_t t = 0; t < T; ++t)
       for (int64_t d = d0; d < d1; ++d) {

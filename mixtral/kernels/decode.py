@@ -23,6 +23,7 @@ router (tests/unit/test_fused_decode.py holds them together).
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -70,42 +71,59 @@ def experts_args(experts: nn.Module) -> tuple[tuple[torch.Tensor | None, ...], i
     return tensors, 0
 
 
-def _state(block: nn.Module) -> tuple[object, ...]:
-    """The objects whose identity fixes a block's decode_layer arguments: its submodules' tensors (a
-    `.to()` or a quantization replaces them), the modules themselves and the MoE's dispatcher."""
-    attention, moe = block.attention, block.feed_forward
-    mods = (*(attention._modules[n] for n in ("wq", "wk", "wv", "wo")), moe.experts, moe.gate,
-            block.attention_norm, block.ffn_norm)  # fmt: skip
-    tensors = [t for m in mods for t in (*m._parameters.values(), *m._buffers.values())]
-    return (*mods, moe.dispatcher, *tensors)
+class BlockArgs(NamedTuple):
+    """decode_layer's arguments after the cache (in its order): one block's norms, matrices and experts."""
+
+    attention_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    eps: float
+    attn_w: list[torch.Tensor]  # wq, wk, wv, wo
+    attn_s: list[torch.Tensor | None]
+    attn_kind: list[int]
+    n_heads: int
+    gate: torch.Tensor
+    w1: torch.Tensor
+    w3: torch.Tensor
+    w2: torch.Tensor
+    s1: torch.Tensor | None
+    s3: torch.Tensor | None
+    s2: torch.Tensor | None
+    moe_kind: int
+    top_k: int
 
 
-def _build(block: nn.Module) -> tuple | None:
+def _build(block: nn.Module) -> BlockArgs | None:
     """decode_layer's per-block arguments, or None if some part is not one it takes."""
     attention, moe = block.attention, block.feed_forward
-    if type(moe.dispatcher) not in (AutoDispatch, KernelDispatch):
-        return None
+    if block.training or moe.training or type(moe.dispatcher) not in (AutoDispatch, KernelDispatch):
+        return None  # training: the router's jitter and autograd need the modules
     if block.attention_norm.weight.dtype != torch.float32 or block.ffn_norm.weight.dtype != torch.float32:
         return None
     linears = [linear_args(getattr(attention, n)) for n in ("wq", "wk", "wv", "wo")]
     expert = experts_args(moe.experts)
-    if any(a is None for a in linears) or expert is None:
+    if any(a is None for a in linears) or expert is None or moe.gate.weight.dtype != torch.float32:
         return None
-    gate = moe.gate.weight
-    if gate.dtype != torch.float32:
-        return None
-    return (
+    return BlockArgs(
         block.attention_norm.weight, block.ffn_norm.weight, block.ffn_norm.eps,
         [a[0] for a in linears], [a[1] for a in linears], [a[2] for a in linears],  # type: ignore[index]
-        attention.n_heads, gate, *expert[0], expert[1], moe.top_k,
+        attention.n_heads, moe.gate.weight, *expert[0], expert[1], moe.top_k,
     )  # fmt: skip
+
+
+def _kept(module: nn.Module, key: str, build):
+    """`build(module)`, kept on the module with what it was built from (`_watch`), rebuilt when that
+    changed. Stored in the instance dict, not as a Module attribute: no state dict entry."""
+    kept = module.__dict__.get(key)
+    if kept is None or not _unchanged(kept[0]):
+        kept = (_watch(module), build(module))
+        module.__dict__[key] = kept
+    return kept[1]
 
 
 class FusedDecode:
     """Runs a `Block` for one decode step through `ops.decode_layer`, or answers None (see module doc).
 
-    The per-block arguments are built once and kept on the block with the identities they came from
-    (`_state`), rebuilt when one changes: a swapped module, a `.to()`, a new dispatcher."""
+    The per-block arguments are kept on the block (`_kept`), rebuilt when what they came from changed."""
 
     def __call__(
         self, block: nn.Module, x_BTD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache
@@ -113,21 +131,10 @@ class FusedDecode:
         B, T, D = x_BTD.shape
         if T != 1 or B > policy.KERNEL_MAX_ROWS or x_BTD.dtype != torch.float32 or x_BTD.device.type != "cpu":
             return None
-        if block.training or block.feed_forward.training or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or cache.k.dtype != torch.float32:
             return None
-        if cache.k.dtype != torch.float32:
-            return None
-        state = _state(block)
-        kept = block.__dict__.get("_fused_decode_args")
-        if (
-            kept is None
-            or len(kept[0]) != len(state)
-            or any(a is not b for a, b in zip(kept[0], state, strict=True))
-        ):
-            kept = (state, _build(block))
-            block.__dict__["_fused_decode_args"] = kept  # not a Module attribute: no state dict entry
-        args = kept[1]
-        if args is None or B * args[-1] > policy.KERNEL_MAX_SLOTS or not ops.available():
+        args = _kept(block, "_fused_decode_args", _build)
+        if args is None or B * args.top_k > policy.KERNEL_MAX_SLOTS or not ops.available():
             return None
         if torch.is_grad_enabled() and (
             x_BTD.requires_grad or any(p.requires_grad for p in block.parameters())
@@ -195,6 +202,27 @@ def _unchanged(watch: Watch) -> bool:
         return False
 
 
+# The per-layer lists of decode_step, in its order: BlockArgs' fields but eps, n_heads and top_k (one
+# value for the model).
+_STEP_LISTS = ("attention_norm", "ffn_norm", "attn_w", "attn_s", "attn_kind", "gate", "w1", "w3", "w2", "s1", "s3",
+               "s2", "moe_kind")  # fmt: skip
+
+
+class StepArgs(NamedTuple):
+    """decode_step's arguments after the cache, positions first (inv_freq, then what follows the cache)."""
+
+    inv_freq: torch.Tensor
+    embedding: torch.Tensor
+    norm: torch.Tensor
+    out_w: torch.Tensor
+    out_s: torch.Tensor | None
+    out_kind: int
+    eps: float
+    n_heads: int
+    top_k: int
+    layers: tuple[list, ...]
+
+
 class FusedStep:
     """A whole decode step through `ops.decode_step` when every block is one `FusedDecode` takes (and the
     embedding, final norm and output head are fp32 / a linear it reads), else None: then each block
@@ -208,24 +236,20 @@ class FusedStep:
             return None
         if model.training or torch.compiler.is_compiling():
             return None
-        kept = model.__dict__.get("_fused_step_args")
-        if kept is None or not _unchanged(kept[0]):
-            kept = (_watch(model), self._build(model))
-            model.__dict__["_fused_step_args"] = kept  # not a Module attribute: no state dict entry
-        args = kept[1]
-        if args is None or B * args[8] > policy.KERNEL_MAX_SLOTS or not ops.available():
+        args = _kept(model, "_fused_step_args", self._build)
+        if args is None or B * args.top_k > policy.KERNEL_MAX_SLOTS or not ops.available():
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
             return None
         logits, router = ops.decode_step(
-            tokens.view(B), positions.view(B), rows, args[0], k_cache, v_cache, *args[1:]
+            tokens.view(B), positions.view(B), rows, args.inv_freq, k_cache, v_cache, *args[1:]
         )
         return logits.view(B, 1, -1), router.view(len(model.layers), B, 1, -1)
 
     @staticmethod
-    def _build(model: nn.Module) -> tuple | None:
-        if model.training or any(b.training or b.feed_forward.training for b in model.layers):
-            return None  # the router's jitter and the Python path's own choices follow these flags
+    def _build(model: nn.Module) -> StepArgs | None:
+        if model.training:
+            return None
         blocks = [_build(b) for b in model.layers]
         out = linear_args(model.output)
         emb, norm = model.tok_embeddings.weight, model.norm.weight
@@ -236,16 +260,14 @@ class FusedStep:
             or norm.dtype != torch.float32
         ):
             return None
-        # _build's tuple: attention_norm, ffn_norm, eps, attn_w[4], attn_s[4], attn_kind[4], n_heads, gate,
-        # w1, w3, w2, s1, s3, s2, moe_kind, top_k
-        layers = (
-            [b[0] for b in blocks], [b[1] for b in blocks],
-            [w for b in blocks for w in b[3]], [s for b in blocks for s in b[4]], [k for b in blocks for k in b[5]],
-            *([b[i] for b in blocks] for i in range(7, 15)),
-        )  # fmt: skip
+        # decode_step takes each of decode_layer's arguments as a list over the layers (wq..wo flattened)
+        per_layer = [[getattr(b, f) for b in blocks] for f in BlockArgs._fields]
+        for f in ("attn_w", "attn_s", "attn_kind"):
+            per_layer[BlockArgs._fields.index(f)] = [x for b in blocks for x in getattr(b, f)]
+        layers = tuple(per_layer[BlockArgs._fields.index(f)] for f in _STEP_LISTS)
         cfg = model.config
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
-        return (inv_freq, emb, norm, *out, model.norm.eps, blocks[0][6], blocks[0][15], layers)
+        return StepArgs(rope_inv_freq(cfg.head_dim, cfg.rope_theta), emb, norm, *out, model.norm.eps,
+                        cfg.n_heads, cfg.top_k, layers)  # fmt: skip
 
 
 FUSED_STEP = FusedStep()

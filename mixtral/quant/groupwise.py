@@ -99,6 +99,11 @@ class GroupLinear(nn.Module):
         return self.qweight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"GroupLinear({self.extra_repr()}): the input's last dimension is {x.shape[-1]}, "
+                f"not {self.in_features} (input shape {tuple(x.shape)})"
+            )
         if policy.group_linear_uses_kernel(x):
             y = ops.qlinear(x.reshape(-1, x.shape[-1]).float(), self.qweight, self.scales, self.bits)
             return y.to(x.dtype).view(*x.shape[:-1], -1)

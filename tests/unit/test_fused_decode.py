@@ -294,3 +294,29 @@ def test_whole_step_arguments_follow_changes(count_calls):
     model.float()  # the fp16 scales become fp32 tensors: new objects, read again (and refused: not fp16)
     with pytest.raises(RuntimeError, match="float16"):
         decode_logits(model, prompt, 1, fused="step")
+
+
+def test_schemas_and_fakes_of_the_fused_ops():
+    """torch.library.opcheck: the schemas (the caches declared as written) and the fake impls' shapes."""
+    from mixtral.kernels.decode import _build
+
+    model = build("int4", vocab_size=97)
+    block = model.layers[0]
+    x, (cos, sin), _, caches, _, _ = block_inputs(model)
+    layer_args = (x.view(2, -1), caches[0].slots_BT.view(2), None, cos.view(2, -1), sin.view(2, -1),
+                  caches[0].k.clone(), caches[0].v.clone(), *_build(block))  # fmt: skip
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.mixtral_cpu.decode_layer.default, layer_args, test_utils=checks)
+    cache = KVCache.allocate(model.config, 2, 8)
+    step = FUSED_STEP._build(model)
+    step_args = (
+        torch.tensor([3, 5]),
+        torch.tensor([0, 2]),
+        None,
+        step.inv_freq,
+        cache.k,
+        cache.v,
+        *step[1:-1],
+        *step.layers,
+    )
+    torch.library.opcheck(torch.ops.mixtral_cpu.decode_step.default, step_args, test_utils=checks)

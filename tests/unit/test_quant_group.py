@@ -141,3 +141,13 @@ def test_quantized_model_is_the_model_with_dequantized_weights(storage, monkeypa
         tokens = torch.randint(0, 97, (2, 40))  # 80 rows: above every kernel threshold
         assert torch.allclose(q(tokens).logits, ref(tokens).logits, atol=1e-5)
     assert not any(p.requires_grad for p in q.parameters())
+
+
+@pytest.mark.parametrize("rows", [1, 64])  # the decode kernel's size and the dequantizing prefill path
+def test_group_linear_names_a_wrong_input_width(rows):
+    lin = GroupLinear.from_linear(torch.nn.Linear(64, 8, bias=False), 4)
+    with pytest.raises(
+        ValueError, match=r"GroupLinear\(64 -> 8, int4, group 32\): the input's last dimension is 32"
+    ):
+        lin(torch.randn(rows, 32))
+    assert lin(torch.randn(rows, 64)).shape == (rows, 8)

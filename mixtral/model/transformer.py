@@ -20,7 +20,6 @@ Conventions:
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -113,12 +112,19 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         gqa = self.n_heads != self.n_kv_heads
-        # On CUDA, not cuDNN's attention: it builds an execution plan per shape, so a decode step (one
-        # more cached position each time) paid ~60 ms of host time per layer (H200, torch 2.11, bf16).
-        with sdpa_kernel(_CUDA_SDPA_BACKENDS) if q.is_cuda else nullcontext():
-            out = F.scaled_dot_product_attention(
+
+        def attend() -> torch.Tensor:
+            return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa
             )
+
+        if q.is_cuda:
+            # Not cuDNN's attention: it builds an execution plan per shape, so a decode step (one more
+            # cached position each time) paid ~60 ms of host time per layer (H200, torch 2.11, bf16).
+            with sdpa_kernel(_CUDA_SDPA_BACKENDS):
+                out = attend()
+        else:
+            out = attend()
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -26,6 +26,12 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// torch's vector exp for fp32 with AVX-512 (exported by libtorch_cpu); weak: absent, std::exp is used.
+extern "C" __attribute__((weak)) __m512 Sleef_expf16_u10(__m512);
+#endif
+
 namespace {
 
 // kind 0: float, bf16 or per-row int8 weight (`linear`); 4 or 8: group-quantized bits (`qlinear`).
@@ -66,6 +72,76 @@ float dot(const float* a, const float* b, int64_t n) {
   for (int j = 0; j < 16; ++j) s += acc[j];
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+// One head's single-query attention over slots 0..n-1: out = softmax(q·kⱼ · scale) · V, in fp32 (p: n + 16
+// floats of scratch). With AVX-512 and Sleef's exp (libtorch's, as silu in cpu_qgroup.cpp), 16 lanes at a
+// time: the scores 4 keys at once, the exponentials 16 at once, out held in registers (head_dim a
+// multiple of 16, at most 256); else plain loops with std::exp.
+void attend(const float* q, const float* K, const float* V, int64_t n, int64_t hd, float scale, float* p,
+            float* out) {
+#if defined(__AVX512F__)
+  if (Sleef_expf16_u10 != nullptr && hd % 16 == 0 && hd <= 256) {
+    const int64_t nv = hd / 16;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const float* k0 = K + j * hd;
+      for (int64_t v = 0; v < nv; ++v) {
+        const __m512 qv = _mm512_loadu_ps(q + 16 * v);
+        a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + 16 * v), a0);
+        a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + hd + 16 * v), a1);
+        a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + 2 * hd + 16 * v), a2);
+        a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + 3 * hd + 16 * v), a3);
+      }
+      p[j] = _mm512_reduce_add_ps(a0) * scale;
+      p[j + 1] = _mm512_reduce_add_ps(a1) * scale;
+      p[j + 2] = _mm512_reduce_add_ps(a2) * scale;
+      p[j + 3] = _mm512_reduce_add_ps(a3) * scale;
+    }
+    for (; j < n; ++j) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t v = 0; v < nv; ++v)
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), _mm512_loadu_ps(K + j * hd + 16 * v), a);
+      p[j] = _mm512_reduce_add_ps(a) * scale;
+    }
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (j = 0; j < n; j += 16) {
+      const __mmask16 mk = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+      mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, p + j));
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j < n; j += 16) {
+      const __mmask16 mk = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(mk, Sleef_expf16_u10(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, p + j), m)));
+      _mm512_storeu_ps(p + j, e);  // p has 16 spare floats
+      sum = _mm512_add_ps(sum, e);
+    }
+    __m512 acc[16];
+    for (int64_t v = 0; v < nv; ++v) acc[v] = _mm512_setzero_ps();
+    for (j = 0; j < n; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      const float* vj = V + j * hd;
+      for (int64_t v = 0; v < nv; ++v) acc[v] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + 16 * v), acc[v]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int64_t v = 0; v < nv; ++v) _mm512_storeu_ps(out + 16 * v, _mm512_mul_ps(acc[v], inv));
+    return;
+  }
+#endif
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j] = dot(q, K + j * hd, hd) * scale);
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - m));
+  std::fill(out, out + hd, 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    const float* vj = V + j * hd;
+    for (int64_t d = 0; d < hd; ++d) out[d] += pj * vj[d];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
 }
 
 void check_f32(const torch::Tensor& t, const char* name, int64_t dim) {
@@ -169,30 +245,22 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
   int64_t nmax = 1;
   for (int64_t b = 0; b < B; ++b) nmax = std::max(nmax, std::max<int64_t>(pos[b], 0) + 1);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (nmax * hd));
-  at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(nmax);
+  // Serial below ~2^20 multiply-adds (a short context: waking the other threads costs more), else heads
+  // in parallel.
+  const int64_t work = B * H * nmax * hd;
+  auto heads = [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(nmax + 16);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, g = h / per_kv, r = row ? row[b] : b;
       const int64_t n = std::max<int64_t>(pos[b], 0) + 1;  // padding (-1) sees slot 0, as cache_mask
-      const float* qh = qp + (b * H + h) * hd;
-      const float* kb = kc + (r * KV + g) * S * hd;
-      const float* vb = vc + (r * KV + g) * S * hd;
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j] = dot(qh, kb + j * hd, hd) * scale);
-      float sum = 0.0f;
-      for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - m));
-      float* out = op + (b * H + h) * hd;
-      std::fill(out, out + hd, 0.0f);
-      for (int64_t j = 0; j < n; ++j) {
-        const float pj = p[j];
-        const float* vj = vb + j * hd;
-        for (int64_t d = 0; d < hd; ++d) out[d] += pj * vj[d];
-      }
-      const float inv = 1.0f / sum;
-      for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
+      attend(qp + (b * H + h) * hd, kc + (r * KV + g) * S * hd, vc + (r * KV + g) * S * hd, n, hd, scale, p.data(),
+             op + (b * H + h) * hd);
     }
-  });
+  };
+  if (work < (int64_t(1) << 20))
+    heads(0, B * H);
+  else
+    at::parallel_for(0, B * H, std::max<int64_t>(1, (int64_t(1) << 18) / (nmax * hd)), heads);
   auto attn = project(o, attn_w[3], attn_s.get(3), attn_kind[3], "wo");
   TORCH_CHECK(attn.size(1) == D, "wo gives ", attn.size(1), " features, the model dimension is ", D);
   auto hbuf = torch::empty({B, D}, x.options());

@@ -123,6 +123,31 @@ def test_mixed_storage_experts_only_and_longer_context(count_calls):
         assert (a - b).abs().max() <= TOLERANCE["int4"] * b.abs().max()
 
 
+@pytest.mark.parametrize(
+    ("head_dim", "n_heads", "prompt_len"),
+    [
+        (16, 4, 9),  # vector path (AVX-512 when the CPU has it), 9..13 slots: key and exp tails
+        (8, 8, 21),  # head_dim not a multiple of 16: the plain loops
+        (64, 8, 2040),  # 8 heads x 2041+ slots x 64: past 2^20 multiply-adds, heads split among threads
+    ],
+)
+def test_attention_paths_equal_python(head_dim, n_heads, prompt_len, count_calls):
+    """decode_layer's single-query attention (cpu_decode.cpp `attend`) against SDPA in the blocks."""
+    torch.manual_seed(7)
+    config = tiny_config(dim=64, hidden_dim=128, head_dim=head_dim, n_heads=n_heads, n_kv_heads=2,
+                         max_seq_len=4096)  # fmt: skip
+    model = Transformer(config).eval()
+    model.reset_parameters(std=0.1)
+    apply_kernels(model)
+    prompt = torch.randint(0, 97, (1, prompt_len), generator=torch.Generator().manual_seed(11))
+    python = decode_logits(model, prompt, 5, fused=None)
+    fused = decode_logits(model, prompt, 5, fused="step")
+    assert count_calls["decode_step"] == 5
+    for a, b in zip(fused, python, strict=True):
+        assert (a - b).abs().max() <= TOLERANCE[None] * b.abs().max()
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
 def test_generate_and_engine_give_the_same_tokens(count_calls):
     """Left-padded batched generation and the serving engine (cache rows) through the fused step."""
     from mixtral.text import load_tokenizer

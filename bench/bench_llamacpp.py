@@ -114,6 +114,11 @@ def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
+# Both sides' worker threads (torch's OpenMP, llama.cpp's ggml pool) spin a while after their last
+# work: each timed run starts after this pause, so it does not share the cores with the other's spinning.
+SETTLE_S = 0.2
+
+
 def time_pair(name: str, ours: Transformer | None, theirs: LlamaCpp, prompt, args, ref) -> dict[str, object]:
     """Interleaved repeats of ours and llama.cpp (after one warm-up each): medians, plus how far
     each side's greedy tokens and first-step logits are from ours fp32 (`ref`: ids, logits).
@@ -125,8 +130,10 @@ def time_pair(name: str, ours: Transformer | None, theirs: LlamaCpp, prompt, arg
     r_ours, r_wall, r_perf, ids_ours = [], [], [], None
     for _ in range(args.repeats):
         if ours is not None:
+            time.sleep(SETTLE_S)
             rate, ids_ours = ours_decode(ours, prompt, args.new_tokens)
             r_ours.append(rate)
+        time.sleep(SETTLE_S)
         wall, perf, ids_theirs, _ = theirs.decode(prompt, args.new_tokens)
         r_wall.append(wall), r_perf.append(perf)
     ours_rate = statistics.median(r_ours) if r_ours else None

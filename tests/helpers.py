@@ -221,3 +221,43 @@ def synthetic_report(domains=("code", "fr", "maths & <tex>"), n_layers=4, E=4, k
         "timing": {"tokens": 6000, "seconds": 1.5},
         "source": {"model_path": "runs/<tiny>", "data": {d: f"data/{d}.txt" for d in domains}},
     }
+
+
+DISTRIBUTED = Path(__file__).resolve().parent / "distributed"
+
+
+def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 240, env: dict | None = None):
+    """Run `script` (a tests/distributed worker, or a path) under `torchrun --standalone` with `nproc`
+    processes (gloo on CPU), the way a user starts a job; returns the CompletedProcess (stdout and
+    stderr together). The whole process group is killed if it outlives `timeout` or the test fails."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = Path(script) if Path(script).is_absolute() else DISTRIBUTED / script
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(path),
+           *map(str, args)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+
+
+def json_lines(text: str) -> list[dict]:
+    """The JSON objects printed in `text` (ranks may write theirs on one line; other text ignored)."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    while (i := text.find("{", i)) >= 0:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except ValueError:
+            i += 1
+            continue
+        out.append(obj)
+        i = end
+    return out

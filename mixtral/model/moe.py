@@ -51,6 +51,13 @@ class Experts(nn.Module):
     def stacked(self) -> tuple[torch.Tensor | None, ...]:
         return self.w1, self.w3, self.w2, None, None, None
 
+    def forward(
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, dispatcher: Dispatcher
+    ) -> torch.Tensor:
+        """`dispatcher` over these experts, called through the module so that hooks on it run (FSDP2
+        gathers sharded weights in its pre-forward hook and frees them after)."""
+        return dispatcher(x_TD, ids_TK, weights_TK, self)
+
 
 class MoE(nn.Module):
     """Router (`gate`, no bias) plus experts; `dispatcher` (default `SortedDispatch`) runs them."""
@@ -77,5 +84,9 @@ class MoE(nn.Module):
             router_in = router_in * torch.empty_like(router_in).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits_TE = F.linear(router_in, self.gate.weight.float())
         weights_TK, ids_TK = route(logits_TE, self.top_k)
-        y_TD = self.dispatcher(x_TD, ids_TK, weights_TK.to(x_TD.dtype), self.experts)
+        w_TK = weights_TK.to(x_TD.dtype)
+        if isinstance(self.experts, Experts):  # through Experts.__call__: its module hooks run
+            y_TD = self.experts(x_TD, ids_TK, w_TK, self.dispatcher)
+        else:  # quantized, offloaded: no forward of their own
+            y_TD = self.dispatcher(x_TD, ids_TK, w_TK, self.experts)
         return y_TD.view(B, T, D), logits_TE.view(B, T, -1)

@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mixtral.errors import TrainingError
 from mixtral.eval.lm import to_device
+from mixtral.parallel import Layout, all_reduce_sum, any_rank, clip_grad_norm, mean_over_ranks, sum_over_ranks
 from mixtral.train.checkpoint_io import (
     STATE,
     TrainingState,
@@ -147,11 +149,33 @@ def find_non_finite(model: nn.Module, run_forward: Callable[[], object]) -> str:
     return where + (f"; non-finite parameters: {', '.join(bad_params[:5])}" if bad_params else "")
 
 
-def _step(
+def _global_means(out: ObjectiveOutput, z: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective's loss and the z-loss, each a mean over this rank's tokens, reweighted by this rank's
+    share of the global batch's tokens (× W, which the data-parallel average of the gradients divides
+    back): their gradients, and their averages over the ranks, are then those of the means over the
+    global batch, as one process computes them (ranks hold different numbers of loss tokens: document
+    boundaries, padding, SFT's masks)."""
+    n_loss = out.tokens if out.loss_tokens is None else out.loss_tokens
+    n_router = (
+        int(out.router_mask.sum()) if out.router_mask is not None else out.router_logits[0, ..., 0].numel()
+    )
+    counts = torch.tensor([float(n_loss), float(n_router)], dtype=torch.float64, device=layout.device)
+    dist.all_reduce(counts)
+    w_loss = n_loss * layout.world / max(float(counts[0]), 1.0)
+    w_z = n_router * layout.world / max(float(counts[1]), 1.0)
+    return out.loss * w_loss, z * w_z
+
+
+def train_step(
     model: nn.Module, objective: Objective, data: DataStream, optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig, step: int,
+    cfg: TrainConfig, step: int, layout: Layout | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """One optimizer step over grad_accum micro-batches; raises TrainingError before updating on NaN/Inf."""
+    """One optimizer step over grad_accum micro-batches; raises TrainingError before updating on NaN/Inf.
+
+    With a `layout` (torchrun, `mixtral.parallel`), `data` yields this rank's slice of the batch and
+    the model is `parallelize`d: the router balance uses the global batch's statistics, a non-finite
+    loss on any rank stops every rank (naming the rank and module), the gradient norm is the global
+    one, and the returned metrics are averages (tokens: sums) over the ranks."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -159,7 +183,8 @@ def _step(
     t0, tokens, loss_tokens = time.perf_counter(), 0, 0
     sums, loads = {"loss": 0.0, "balance": 0.0, "z": 0.0}, []
     top_k = model.config.top_k
-    device = next(model.parameters()).device
+    device = layout.device if layout is not None else next(model.parameters()).device
+    reduce = None if layout is None else all_reduce_sum
     for _ in range(cfg.grad_accum):
         batch = data.next_batch(cfg.batch_size)
         if batch is None:
@@ -168,12 +193,23 @@ def _step(
         bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
         with bf16:
             out = objective(model, batch)
-        balance = load_balancing_loss(out.router_logits, top_k, out.router_mask, cfg.balance)
+        balance = load_balancing_loss(out.router_logits, top_k, out.router_mask, cfg.balance, reduce)
         z = router_z_loss(out.router_logits, out.router_mask)
+        if layout is not None:
+            out.loss, z = _global_means(out, z, layout)
         loss = out.loss + cfg.balance_coef * balance + cfg.z_coef * z
-        if not torch.isfinite(loss):
+        bad = not bool(torch.isfinite(loss))
+        if layout is not None:
+            bad = any_rank(bad, device)
+        if bad:  # every rank re-runs its forward (FSDP's all-gathers need them all), then reports
             where = find_non_finite(model, lambda b=batch: objective(model, b))
-            raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}, before the update: {where}")
+            report = [(0, float(loss), where)]
+            if layout is not None:
+                report = [None] * layout.world
+                dist.all_gather_object(report, (layout.rank, float(loss), where))
+            bad_ranks = [f"{'rank ' + str(r) + ': ' if layout else ''}loss {v}, {w}" for r, v, w in report
+                         if not math.isfinite(v)]  # fmt: skip
+            raise TrainingError(f"non-finite loss at step {step}, before the update: {'; '.join(bad_ranks)}")
         (loss / cfg.grad_accum).backward()
         tokens += out.tokens
         loss_tokens += out.tokens if out.loss_tokens is None else out.loss_tokens
@@ -183,7 +219,10 @@ def _step(
             sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
         loads.append(expert_load(out.router_logits, top_k, out.router_mask))
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+    if layout is not None:
+        grad_norm = clip_grad_norm(params, cfg.grad_clip or float("inf"), layout)
+    else:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
     if not math.isfinite(grad_norm):
         named = {id(p): n for n, p in model.named_parameters()}
         bad = [named[id(p)] for p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
@@ -192,6 +231,12 @@ def _step(
         )
     optimizer.step()
     load = torch.stack(loads).mean(0)  # [L, E]
+    if layout is not None:
+        sums = mean_over_ranks(sums, device)
+        tokens, loss_tokens = sum_over_ranks(tokens, device), sum_over_ranks(loss_tokens, device)
+        load = load.to(device)
+        dist.all_reduce(load)
+        load = load.cpu() / layout.world
     seconds = time.perf_counter() - t0
     return {**sums, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "loss_tokens": loss_tokens, "loss_tokens_per_s": loss_tokens / seconds,
@@ -277,7 +322,7 @@ def _train(
     with _open_log(run_dir, state.step) as log, tqdm(total=cfg.steps, initial=state.step, disable=not progress,
                                                      desc="train", unit="step") as bar:  # fmt: skip
         while state.step < cfg.steps and (stop_after is None or state.step < stop_after):
-            metrics = _step(model, objective, data, optimizer, cfg, state.step)
+            metrics = train_step(model, objective, data, optimizer, cfg, state.step)
             state.step += 1
             state.tokens_seen += metrics["tokens"]
             record = {"step": state.step, "tokens_seen": state.tokens_seen, **metrics}

@@ -14,6 +14,8 @@ References (../shared/reference/mixtral.md section 5):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -28,22 +30,39 @@ def _flat(router_logits_LBTE: torch.Tensor, mask_BT: torch.Tensor | None) -> tor
 
 
 def load_balancing_loss(
-    router_logits_LBTE: torch.Tensor, top_k: int, mask_BT: torch.Tensor | None = None, form: str = "pooled"
+    router_logits_LBTE: torch.Tensor,
+    top_k: int,
+    mask_BT: torch.Tensor | None = None,
+    form: str = "pooled",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The auxiliary load-balancing loss in `form` ("pooled": HF's, min k; "per_layer": min 1)."""
+    """The auxiliary load-balancing loss in `form` ("pooled": HF's, min k; "per_layer": min 1).
+
+    `reduce` (data-parallel training) sums a tensor over the ranks, differentiably: the routed shares f
+    and mean probabilities p̄ are then those of the global batch, as one process with that batch
+    computes them (the loss is not linear in them, so a mean of per-rank losses would differ)."""
     if form not in BALANCE_FORMS:
         raise ValueError(f"unknown load-balancing form {form!r}; choose from {', '.join(BALANCE_FORMS)}")
     logits = _flat(router_logits_LBTE, mask_BT)
     L, N, E = logits.shape
-    if form == "none" or N == 0:
+    if form == "none":
         return logits.new_zeros(())
     probs = logits.softmax(dim=-1)
     chosen = F.one_hot(logits.topk(top_k, dim=-1).indices, E).float()  # [L, N, k, E]
     if form == "pooled":
-        f_KE = chosen.reshape(L * N, top_k, E).mean(dim=0)
-        return E * (f_KE * probs.reshape(L * N, E).mean(dim=0)).sum()
-    f_LE = chosen.sum(dim=2).mean(dim=1) / top_k
-    return E * (f_LE * probs.mean(dim=1)).sum(dim=-1).mean()
+        f_sum, p_sum = chosen.sum(dim=1).sum(dim=0), probs.sum(dim=1).sum(dim=0)  # [k, E], [E]
+        n = logits.new_tensor(float(L * N))
+    else:
+        f_sum, p_sum = chosen.sum(dim=(1, 2)) / top_k, probs.sum(dim=1)  # [L, E] each
+        n = logits.new_tensor(float(N))
+    if reduce is not None:
+        f_sum, p_sum, n = reduce(f_sum.detach()), reduce(p_sum), reduce(n)
+    if float(n) == 0:
+        return logits.new_zeros(()) + 0.0 * p_sum.sum()
+    f, p = f_sum / n, p_sum / n
+    if form == "pooled":
+        return E * (f * p).sum()
+    return E * (f * p).sum(dim=-1).mean()
 
 
 def router_z_loss(router_logits_LBTE: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:

@@ -127,7 +127,8 @@ ALLOWED = {
     "inference": {"model", "text"},
     "data": {"text", "atomic"},
     "eval": {"model", "text", "data", "inference"},
-    "train": {"model", "checkpoint", "text", "data", "eval", "atomic"},
+    "train": {"model", "checkpoint", "text", "data", "eval", "atomic", "parallel"},
+    "parallel": {"model"},
     "analysis": {"model", "checkpoint", "text", "data", "eval", "atomic"},
     "offload": {"model", "kernels", "quant", "checkpoint"},
     "serve": {"inference", "text"},  # never model/ or torch: the engine is behind inference/

@@ -17,7 +17,7 @@ from mixtral.data.instruct import PreferenceExample, PreferenceStream, drop_iden
 from mixtral.eval.lm import evaluate_lm, to_device
 from mixtral.model import Transformer
 from mixtral.train.instruct_run import DPO_TRAIN, SFT_TRAIN, eval_subset
-from mixtral.train.loop import TrainConfig, _step, lr_at, make_optimizer
+from mixtral.train.loop import TrainConfig, lr_at, make_optimizer, train_step
 from mixtral.train.pretrain import lm_objective
 from mixtral.train.recipes import RECIPES, apply_overrides, get_recipe
 from mixtral.train.rundir import ResumeMismatchError, check_resume, fingerprint
@@ -93,7 +93,7 @@ def test_tokens_per_second_counts_every_real_token_and_loss_tokens_apart():
     cfg = train_config(steps=1, batch_size=3)
     stream = train_stream()
     batch = train_stream().next_batch(3)  # the batch the step will see
-    metrics = _step(model, lm_objective, stream, make_optimizer(model, cfg), cfg, 0)
+    metrics = train_step(model, lm_objective, stream, make_optimizer(model, cfg), cfg, 0)
     assert metrics["tokens"] == int((batch.positions >= 0).sum()) == 3 * 16
     assert metrics["loss_tokens"] == int(batch.loss_mask.sum()) < metrics["tokens"]
     ratio = metrics["tokens_per_s"] / metrics["loss_tokens_per_s"]

@@ -94,22 +94,22 @@ def save_checkpoint(
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     # Captured first, so the RNG streams a resumed run sees are exactly those at the call.
-    rng_json, rng_tensors = _capture_rng()
+    rng_json, rng_tensors = capture_rng()
     model_tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     opt_tensors, opt_json = _split_optimizer(optimizer.state_dict())
     _check_finite(model_tensors, state.step, lambda k: f"model tensor {k}")
     names = _param_names(model, optimizer)
     _check_finite(opt_tensors, state.step, lambda k: f"optimizer tensor {k} (state of {_owner(k, names)})")
     texts = {
-        STATE: _to_json({**dataclasses.asdict(state), "version": VERSION, "rng": rng_json}, "training state"),
-        OPTIMIZER_JSON: _to_json(opt_json, "optimizer param_groups/state"),
+        STATE: to_json({**dataclasses.asdict(state), "version": VERSION, "rng": rng_json}, "training state"),
+        OPTIMIZER_JSON: to_json(opt_json, "optimizer param_groups/state"),
     }
     if callable(getattr(getattr(model, "config", None), "to_dict", None)):
-        texts[CONFIG] = _to_json(model.config.to_dict(), "model config")
+        texts[CONFIG] = to_json(model.config.to_dict(), "model config")
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{state.step:08d}"
     try:
-        _remove_debris(root)
+        remove_debris(root)
         with atomic_directory(final, overwrite=True) as tmp:
             save_file({k: v.cpu() for k, v in model_tensors.items()}, tmp / MODEL, metadata={"format": "pt"})
             save_file(
@@ -120,19 +120,19 @@ def save_checkpoint(
                 (tmp / name).write_text(text)
             files = sorted(p.name for p in tmp.iterdir())
             for name in files:
-                _fsync(tmp / name)
-            commit = {"version": VERSION, "step": state.step, "files": {n: _sha256(tmp / n) for n in files}}
+                fsync(tmp / name)
+            commit = {"version": VERSION, "step": state.step, "files": {n: sha256(tmp / n) for n in files}}
             (tmp / COMMIT).write_text(json.dumps(commit, indent=2) + "\n")
-            _fsync(tmp / COMMIT)
-        _fsync(root)  # make the rename itself durable before older checkpoints go
+            fsync(tmp / COMMIT)
+        fsync(root)  # make the rename itself durable before older checkpoints go
     except (OSError, SafetensorError) as e:
-        good = next((p for p in reversed(_step_dirs(root)) if _commit_problem(p) is None), None)
+        good = next((p for p in reversed(step_dirs(root)) if commit_problem(p) is None), None)
         last = f"the last good checkpoint is {good}" if good else "no earlier checkpoint exists"
         raise CheckpointSaveError(
             f"could not write the checkpoint of step {state.step} to {final} ({e}); {last} "
             "(free some space, then run the same command again to resume)"
         ) from e
-    _rotate(root, final, keep)
+    rotate(root, final, keep)
     return final
 
 
@@ -170,14 +170,14 @@ def _check_finite(tensors: dict[str, torch.Tensor], step: int, describe: Callabl
             )
 
 
-def _to_json(value: Any, what: str) -> str:
+def to_json(value: Any, what: str) -> str:
     try:  # allow_nan=False: strict JSON, and no non-finite number slips into a checkpoint
         return json.dumps(value, indent=1, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
         raise TrainingError(f"{what} cannot be stored as strict JSON: {e}") from None
 
 
-def _capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     numpy_state = {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
@@ -189,12 +189,12 @@ def _capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return {"python": [version, list(internal), gauss], "numpy": numpy_state}, tensors
 
 
-def _rotate(root: Path, new: Path, keep: int) -> None:
+def rotate(root: Path, new: Path, keep: int) -> None:
     """Delete all but `new` and the newest `keep - 1` other committed checkpoints.
 
     `new` always survives, even when a rerun from an earlier step finds newer checkpoints on disk.
     """
-    others = [p for p in _step_dirs(root) if p != new and (p / COMMIT).is_file()]
+    others = [p for p in step_dirs(root) if p != new and (p / COMMIT).is_file()]
     for old in others[: max(len(others) - (keep - 1), 0)]:
         # Renamed first, so a kill mid-delete leaves a dot-directory, never a half-deleted step-*.
         doomed = old.with_name(f".{old.name}.deleting")
@@ -202,7 +202,7 @@ def _rotate(root: Path, new: Path, keep: int) -> None:
         shutil.rmtree(doomed)
 
 
-def _remove_debris(root: Path) -> None:
+def remove_debris(root: Path) -> None:
     """Temp and half-deleted directories left by a killed run (one writer per run directory)."""
     if root.is_dir():
         for p in root.iterdir():
@@ -210,7 +210,7 @@ def _remove_debris(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -218,7 +218,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -229,7 +229,7 @@ def _sha256(path: Path) -> str:
 # ---- finding ------------------------------------------------------------------------------------
 
 
-def _step_dirs(root: Path) -> list[Path]:
+def step_dirs(root: Path) -> list[Path]:
     """step-* directories under `root`, oldest first; temp dot-directories are not among them."""
     if not root.is_dir():
         return []
@@ -239,7 +239,7 @@ def _step_dirs(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _commit_problem(path: Path) -> str | None:
+def commit_problem(path: Path) -> str | None:
     """Why `path` is not a complete committed checkpoint, or None if it is."""
     try:
         commit = json.loads((path / COMMIT).read_text())
@@ -253,20 +253,25 @@ def _commit_problem(path: Path) -> str | None:
     m = _STEP_DIR.fullmatch(path.name)
     if m and commit.get("step") != int(m.group(1)):
         return f"{COMMIT} says step {commit.get('step')}, the directory name says {int(m.group(1))}"
-    for name in (MODEL, OPTIMIZER, STATE, RNG, OPTIMIZER_JSON):
+    needed = (
+        (".metadata", STATE, RNG)
+        if commit.get("format") == "dcp"
+        else (MODEL, OPTIMIZER, STATE, RNG, OPTIMIZER_JSON)
+    )
+    for name in needed:
         if name not in files:
             return f"{COMMIT} does not list {name}"
     for name, digest in files.items():
         if not (path / name).is_file():
             return f"{name} is missing"
-        if _sha256(path / name) != digest:
+        if sha256(path / name) != digest:
             return f"{name} does not match the sha256 in {COMMIT} (corrupted or modified)"
     return None
 
 
 def has_checkpoint(run_dir: str | Path) -> int | None:
     """The step of the newest checkpoint directory with a COMMIT marker (unverified, cheap), or None."""
-    for path in reversed(_step_dirs(Path(run_dir) / "checkpoints")):
+    for path in reversed(step_dirs(Path(run_dir) / "checkpoints")):
         if (path / COMMIT).is_file():
             return int(path.name.split("-")[1])
     return None
@@ -276,7 +281,7 @@ def checkpoint_id(run_dir: str | Path, step: int) -> str | None:
     """The sha256 of the model weights of step `step`'s checkpoint, from its COMMIT marker, or None."""
     try:
         commit = json.loads((Path(run_dir) / "checkpoints" / f"step-{step:08d}" / COMMIT).read_text())
-        return commit["files"][MODEL]
+        return commit["files"][".metadata" if commit.get("format") == "dcp" else MODEL]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -287,8 +292,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     Newer directories without a COMMIT marker, or whose files disagree with it, are skipped with a
     warning naming them; temporary directories are ignored.
     """
-    for path in reversed(_step_dirs(Path(run_dir) / "checkpoints")):
-        problem = _commit_problem(path)
+    for path in reversed(step_dirs(Path(run_dir) / "checkpoints")):
+        problem = commit_problem(path)
         if problem is None:
             return path
         warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
@@ -307,7 +312,7 @@ def load_checkpoint(
     the first mismatch. After this, training continues bit-identically to the run that saved.
     """
     path = Path(path)
-    if (problem := _commit_problem(path)) is not None:
+    if (problem := commit_problem(path)) is not None:
         raise TrainingError(f"cannot load checkpoint {path}: {problem}")
     state = _read_json(path / STATE)
     if state.get("version") != VERSION:
@@ -315,7 +320,7 @@ def load_checkpoint(
     _load_model(path, model)
     if optimizer is not None:
         _load_optimizer(path, optimizer)
-    _restore_rng(state["rng"], load_file(path / RNG))
+    restore_rng(state["rng"], load_file(path / RNG))
     return TrainingState(**{f.name: state[f.name] for f in dataclasses.fields(TrainingState)})
 
 
@@ -381,7 +386,7 @@ def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _restore_rng(saved: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def restore_rng(saved: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     version, internal, gauss = saved["python"]
     random.setstate((version, tuple(internal), gauss))
     s = saved["numpy"]

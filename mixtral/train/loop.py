@@ -41,6 +41,7 @@ from mixtral.train.checkpoint_io import (
 )
 from mixtral.train.losses import BALANCE_FORMS, expert_load, load_balancing_loss, router_z_loss
 from mixtral.train.rundir import check_resume, describe, read_json, run_lock
+from mixtral.train.sharded_io import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     stop_after: int | None = None,
+    layout: Layout | None = None,
 ) -> TrainingState:
     """Train until cfg.steps (or `stop_after` steps, as if killed); resume from run_dir's latest
     committed checkpoint if there is one. Returns the final state; metrics go to run_dir/metrics.jsonl.
@@ -281,8 +283,12 @@ def train(
     (ResumeMismatchError naming the fields) before any file is touched; safe changes are warned about.
     """
     run_dir = Path(run_dir)
+    if layout is not None and layout.rank != 0:  # rank 0 holds the lock and writes; the others follow
+        return _train(model, objective, data, cfg, run_dir, evaluate, resume, False, stop_after, None, layout)
     with run_lock(run_dir) as lock:
-        return _train(model, objective, data, cfg, run_dir, evaluate, resume, progress, stop_after, lock)
+        return _train(
+            model, objective, data, cfg, run_dir, evaluate, resume, progress, stop_after, lock, layout
+        )
 
 
 def _resume_warning(run_dir: Path, step: int, stored: dict, cfg: TrainConfig) -> None:
@@ -303,7 +309,7 @@ def _resume_warning(run_dir: Path, step: int, stored: dict, cfg: TrainConfig) ->
 
 
 def _train(
-    model, objective, data, cfg, run_dir, evaluate, resume, progress, stop_after, lock
+    model, objective, data, cfg, run_dir, evaluate, resume, progress, stop_after, lock, layout=None
 ) -> TrainingState:
     from tqdm.auto import tqdm
 
@@ -314,22 +320,35 @@ def _train(
         stored = (saved.get("extra") or {}).get("train")
         if isinstance(stored, dict):  # checked before the checkpoint touches the model
             _resume_warning(run_dir, int(saved.get("step", 0)), {"train": stored}, cfg)
-        state = load_checkpoint(ckpt, model, optimizer)
+        if is_sharded(ckpt):  # written by a torchrun job: DCP reshards it to this layout (or one process)
+            state = load_sharded_checkpoint(ckpt, model, optimizer, layout)
+        elif layout is not None:
+            raise TrainingError(
+                f"{ckpt} is a one-process checkpoint; resume it in one process (a torchrun job resumes the "
+                "sharded checkpoints torchrun jobs write)"
+            )
+        else:
+            state = load_checkpoint(ckpt, model, optimizer)
         data.load_state_dict(state.data)
         state.extra["train"] = asdict(cfg)
-    lock.claim()  # the first write to the run directory
+    writer = layout is None or layout.rank == 0
+    if writer:
+        lock.claim()  # the first write to the run directory
     _configure(model, cfg)
-    with _open_log(run_dir, state.step) as log, tqdm(total=cfg.steps, initial=state.step, disable=not progress,
+    log_cm = _open_log(run_dir, state.step) if writer else contextlib.nullcontext(None)
+    with log_cm as log, tqdm(total=cfg.steps, initial=state.step, disable=not progress,
                                                      desc="train", unit="step") as bar:  # fmt: skip
         while state.step < cfg.steps and (stop_after is None or state.step < stop_after):
-            metrics = train_step(model, objective, data, optimizer, cfg, state.step)
+            metrics = train_step(model, objective, data, optimizer, cfg, state.step, layout)
             state.step += 1
             state.tokens_seen += metrics["tokens"]
             record = {"step": state.step, "tokens_seen": state.tokens_seen, **metrics}
             if evaluate is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
                 record["eval"] = evaluate(model)
                 model.train()
-            if state.step % cfg.log_every == 0 or "eval" in record or state.step == cfg.steps:
+            if log is not None and (
+                state.step % cfg.log_every == 0 or "eval" in record or state.step == cfg.steps
+            ):
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             bar.set_postfix(
@@ -338,6 +357,9 @@ def _train(
             bar.update(1)
             if state.step % cfg.save_every == 0 or state.step == cfg.steps:
                 state.data = data.state_dict()
-                save_checkpoint(run_dir, model, optimizer, state)
+                if layout is not None:
+                    save_sharded_checkpoint(run_dir, model, optimizer, state, layout)
+                else:
+                    save_checkpoint(run_dir, model, optimizer, state)
     model.eval()
     return state

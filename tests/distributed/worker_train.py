@@ -26,6 +26,10 @@ from mixtral.train.loop import TrainConfig, make_optimizer, train_step
 from mixtral.train.pretrain import lm_objective
 
 
+CONFIG = MixtralConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48, n_experts=8,
+                       top_k=2, vocab_size=97, max_seq_len=64)  # fmt: skip
+
+
 def docs(seed: int) -> dict[str, TokenizedDocs]:
     """Two domains of learnable documents: counting up by a per-document stride (mod 90)."""
     rng = np.random.default_rng(seed)
@@ -49,8 +53,7 @@ def main() -> int:
     ep, dp_shard, dp_replicate, steps = (int(a) for a in sys.argv[1:5])
     init_process_group(timeout_s=120)
     layout = make_layout(ParallelConfig(ep=ep, dp_shard=dp_shard, dp_replicate=dp_replicate), n_experts=8)
-    cfg = MixtralConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48, n_experts=8,
-                        top_k=2, vocab_size=97, max_seq_len=64)  # fmt: skip
+    cfg = CONFIG
     train_cfg = TrainConfig(steps=steps, batch_size=8, lr=2e-2, min_lr=2e-3, warmup_steps=3, grad_clip=0.5)
     torch.manual_seed(0)
     # float64: Adam's first steps move every weight by ~lr whatever its gradient's size, so fp32 rounding

@@ -46,3 +46,40 @@ def test_training_steps_equal_one_process(nproc, ep, dp_shard, dp_replicate):
     assert run.returncode == 0, run.stdout[-3000:]
     assert line["max_rel"] <= 1e-5 and line["world"] == nproc, line
     assert line["first"] - line["last"] > 0.05, line  # the run learns: the curves compared are not flat
+
+
+def _losses(run) -> dict[int, float]:
+    assert run.returncode == 0, run.stdout[-3000:]
+    return {int(k): v for k, v in json_lines(run.stdout)[-1]["losses"].items()}
+
+
+def _one_process(*args: str):
+    import subprocess
+    import sys
+
+    from helpers import DISTRIBUTED
+
+    return subprocess.run([sys.executable, str(DISTRIBUTED / "worker_ckpt.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+
+
+def test_checkpoints_reshard_across_layouts_and_one_process(tmp_path):
+    """EP2 x DP (4 ranks) saves at step 4; EP4 resumes and saves at 8; one process resumes to 12: the
+    loss curve is the uninterrupted one-process run's, whatever seed the resumed weights started from."""
+    ref = _losses(_one_process(1, 1, 12, tmp_path / "ref"))
+    run = tmp_path / "run"
+    a = _losses(torchrun(4, "worker_ckpt.py", 2, 4, 4, run))
+    b = _losses(torchrun(4, "worker_ckpt.py", 4, 4, 8, run, 7))
+    c = _losses(_one_process(1, 1, 12, run, 9))
+    assert sorted(c) == list(range(1, 13)) and a.items() <= b.items() and b.items() <= c.items()
+    for step, loss in c.items():
+        assert abs(loss - ref[step]) <= 1e-5 * abs(ref[step]), (step, loss, ref[step])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
+    assert (run / "checkpoints" / "step-00000008" / ".metadata").is_file()  # a DCP checkpoint
+
+
+def test_resume_is_bit_exact_under_the_same_layout(tmp_path):
+    whole = _losses(torchrun(2, "worker_ckpt.py", 2, 2, 8, tmp_path / "whole"))
+    _losses(torchrun(2, "worker_ckpt.py", 2, 2, 4, tmp_path / "split"))
+    resumed = _losses(torchrun(2, "worker_ckpt.py", 2, 2, 8, tmp_path / "split", 5))
+    assert resumed == whole

@@ -208,9 +208,16 @@ def train_step(
             if layout is not None:
                 report = [None] * layout.world
                 dist.all_gather_object(report, (layout.rank, float(loss), where))
-            bad_ranks = [f"{'rank ' + str(r) + ': ' if layout else ''}loss {v}, {w}" for r, v, w in report
-                         if not math.isfinite(v)]  # fmt: skip
-            raise TrainingError(f"non-finite loss at step {step}, before the update: {'; '.join(bad_ranks)}")
+            nan_ranks = [r for r, v, _ in report if not math.isfinite(v)]
+            # A NaN crosses ranks (router statistics, all-to-all): name the ranks where a module made it.
+            found = [(r, w) for r, _, w in report if w.startswith("first")] or [(r, w) for r, _, w in report]
+            where = "; ".join(f"rank {r}: {w}" if layout else w for r, w in found)
+            spread = (
+                f" (the loss is non-finite on rank(s) {', '.join(map(str, nan_ranks))})" if layout else ""
+            )
+            raise TrainingError(
+                f"non-finite loss ({float(loss)}) at step {step}, before the update: {where}{spread}"
+            )
         (loss / cfg.grad_accum).backward()
         tokens += out.tokens
         loss_tokens += out.tokens if out.loss_tokens is None else out.loss_tokens

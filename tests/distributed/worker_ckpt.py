@@ -1,6 +1,9 @@
 """Train the test model into a run directory, resuming from its last checkpoint: under torchrun (any
 layout) or as a plain process (one process). argv: EP DP_SHARD STOP RUN_DIR [SEED].
 
+MIXTRAL_TEST_FAULT="kill:RANK:STEP" makes that rank SIGKILL itself in that step's forward (a crashed
+node); "nan:RANK:STEP" makes layers.1.attention's output NaN on that rank from that step on.
+
 The run is 12 steps of the 8-row global batch of worker_train, checkpoints every 4 steps; this
 invocation stops after step STOP (as if killed there). SEED (default 0) seeds the fresh weights: a
 resumed run must not depend on it. Rank 0 prints {"losses": {step: loss}} from metrics.jsonl.
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,6 +32,22 @@ TRAIN = TrainConfig(steps=12, batch_size=8, lr=2e-2, min_lr=2e-3, warmup_steps=3
                     save_every=4, eval_every=1000)  # fmt: skip
 
 
+def faulty(fault: str, model, layout):
+    kind, rank, step = fault.split(":")
+    mine = layout is not None and layout.rank == int(rank)
+    calls = {"n": 0}
+
+    def objective(m, batch):
+        calls["n"] += 1  # one call per step (grad_accum 1), counted from this process's first step
+        if mine and calls["n"] >= int(step):
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            model.layers[1].attention.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+        return lm_objective(m, batch)
+
+    return objective
+
+
 def main() -> int:
     ep, dp_shard, stop, run_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     seed = int(sys.argv[5]) if len(sys.argv) > 5 else 0
@@ -41,9 +61,12 @@ def main() -> int:
     if layout is not None:
         parallelize(model, layout)
         stream = RankSlice(stream, layout.rank, layout.world)
+    objective = lm_objective
+    if fault := os.environ.get("MIXTRAL_TEST_FAULT"):
+        objective = faulty(fault, model, layout)
     train(
         model,
-        lm_objective,
+        objective,
         stream,
         TRAIN,
         run_dir,

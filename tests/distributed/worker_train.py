@@ -25,7 +25,6 @@ from mixtral.parallel.data import RankSlice
 from mixtral.train.loop import TrainConfig, make_optimizer, train_step
 from mixtral.train.pretrain import lm_objective
 
-
 CONFIG = MixtralConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48, n_experts=8,
                        top_k=2, vocab_size=97, max_seq_len=64)  # fmt: skip
 

@@ -83,3 +83,32 @@ def test_resume_is_bit_exact_under_the_same_layout(tmp_path):
     _losses(torchrun(2, "worker_ckpt.py", 2, 2, 4, tmp_path / "split"))
     resumed = _losses(torchrun(2, "worker_ckpt.py", 2, 2, 8, tmp_path / "split", 5))
     assert resumed == whole
+
+
+def test_a_killed_rank_ends_the_job_and_the_run_resumes(tmp_path):
+    """Rank 1 is SIGKILLed in step 6: torchrun stops rank 0 and exits non-zero within seconds; the next
+    start resumes from step 4's checkpoint and follows the uninterrupted curve."""
+    import time
+
+    ref = _losses(_one_process(1, 1, 12, tmp_path / "ref"))
+    t0 = time.monotonic()
+    killed = torchrun(2, "worker_ckpt.py", 2, 2, 12, tmp_path / "run", env={"MIXTRAL_TEST_FAULT": "kill:1:6"})
+    assert killed.returncode != 0 and time.monotonic() - t0 < 120, killed.stdout[-2000:]
+    assert "SIGKILL" in killed.stdout or "exitcode: -9" in killed.stdout, killed.stdout[-2000:]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000004"]
+    resumed = _losses(torchrun(2, "worker_ckpt.py", 2, 2, 12, tmp_path / "run", 3))
+    assert sorted(resumed) == list(range(1, 13))
+    for step, loss in resumed.items():
+        assert abs(loss - ref[step]) <= 1e-5 * abs(ref[step]), (step, loss, ref[step])
+
+
+def test_a_nan_on_one_rank_stops_every_rank_naming_the_module(tmp_path):
+    run = torchrun(2, "worker_ckpt.py", 2, 2, 12, tmp_path / "run", env={"MIXTRAL_TEST_FAULT": "nan:1:3"})
+    assert run.returncode != 0
+    errors = [line for line in run.stdout.splitlines() if "TrainingError: non-finite loss" in line]
+    assert {e.split("]")[0] for e in errors} == {"[rank0", "[rank1"}, run.stdout[-3000:]
+    assert all("at step 2, before the update: rank 1: first non-finite output in module 'layers.1.attention'" in e
+               for e in errors), errors  # fmt: skip
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )

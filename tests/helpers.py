@@ -227,7 +227,8 @@ DISTRIBUTED = Path(__file__).resolve().parent / "distributed"
 
 
 def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 240, env: dict | None = None):
-    """Run `script` (a tests/distributed worker, or a path) under `torchrun --standalone` with `nproc`
+    """Run `script` (a tests/distributed worker, a path, or "-m" with a module in `args`) under
+    `torchrun --standalone` with `nproc`
     processes (gloo on CPU), the way a user starts a job; returns the CompletedProcess (stdout and
     stderr together). The whole process group is killed if it outlives `timeout` or the test fails."""
     import os
@@ -235,8 +236,12 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 240, e
     import subprocess
     import sys
 
-    path = Path(script) if Path(script).is_absolute() else DISTRIBUTED / script
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(path),
+    target = (
+        [str(script)]
+        if str(script) == "-m"
+        else [str(Path(script) if Path(script).is_absolute() else DISTRIBUTED / script)]
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target,
            *map(str, args)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip

@@ -33,6 +33,22 @@ def cmd_convert(
 
     if not Path(src).exists():
         raise MixtralError(f"source {src!r} does not exist")
+    from mixtral.train.sharded_io import export_sharded, is_sharded
+
+    if is_sharded(src):  # a step directory of a torchrun training run
+        target = to or "hf"
+        if target == "gguf":
+            raise MixtralError("convert a sharded training checkpoint to hf first, then that to gguf")
+        t0 = time.perf_counter()
+        try:
+            export_sharded(
+                src, dst, format=target, dtype=DTYPES[dtype] if dtype else None, overwrite=overwrite
+            )
+        except FileExistsError as e:
+            raise FileExistsError(str(e).replace("pass overwrite=True", "pass --overwrite")) from None
+        print(f"converted sharded training checkpoint {src} -> {target} checkpoint {dst} in "
+              f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+        return
     _, fmt = read_config(src)
     target = to or ("mistral" if fmt == "hf" else "hf")
     _check_flags(dst, target, dtype, outtype)
@@ -59,7 +75,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert", help="convert a checkpoint: Mistral <-> Hugging Face, or to GGUF for llama.cpp"
     )
-    p.add_argument("src", help="source checkpoint directory (format detected)")
+    p.add_argument(
+        "src",
+        help="source checkpoint directory (format detected; also a step directory of a "
+        "torchrun training run, RUN/checkpoints/step-N, whose sharded weights are gathered)",
+    )
     p.add_argument("dst", help="destination directory (a .gguf file with --to gguf), written atomically")
     p.add_argument("--to", choices=("hf", "mistral", "gguf"), default=None,
                    help="target format (default: the other of hf/mistral)")  # fmt: skip

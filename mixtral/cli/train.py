@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 from mixtral.cli.common import add_device_option, resolve_device
@@ -28,12 +30,29 @@ def cmd_train(
     dev = resolve_device(device)
     recipe = apply_overrides(get_recipe(recipe_name), overrides)
     out_dir = Path(out or f"runs/{recipe.name}")
-    print(f"training recipe {recipe.name!r} into {out_dir}/ on {dev} (resume={resume})", flush=True)
-    report = run_recipe(recipe, out_dir, resume=resume, device=dev)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    where = (
+        f"{world} processes (torchrun), parallel {dataclasses.asdict(recipe.parallel)}" if world > 1 else dev
+    )
+    if rank == 0:
+        print(f"training recipe {recipe.name!r} into {out_dir}/ on {where} (resume={resume})", flush=True)
+    try:
+        report = run_recipe(recipe, out_dir, resume=resume, device=dev, progress=rank == 0)
+    finally:
+        _leave_process_group()
+    if rank != 0:
+        return
     ev = report["eval"]
     print(f"done: {report['steps']} steps, {report['tokens_seen']:,} tokens; held-out loss {ev['all/loss']:.3f} "
           f"(ppl {ev['all/ppl']:.1f}); model in {out_dir / 'model'}, curve {out_dir / 'curve.png'}")  # fmt: skip
     print(json.dumps({k: round(v, 4) for k, v in ev.items()}))
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cmd_tokenizer_train(
@@ -51,7 +70,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default="mini", help="recipe name (see --list; default mini)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a recipe field, e.g. --set train.steps=200 --set model.n_layers=4 "
-                   "--set data.inputs=code=my/dir (repeatable; types are checked)")  # fmt: skip
+                   "--set data.inputs=code=my/dir (repeatable; types are checked). Under torchrun: "
+                   "--set parallel.ep=K (experts split over K ranks), parallel.dp_shard (FSDP2 shard group, "
+                   "-1: all), parallel.dp_replicate (HSDP replicas); train.batch_size is the global batch")  # fmt: skip
     p.add_argument("--out", default=None, help="run directory (default runs/RECIPE)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start afresh even if the run directory holds a checkpoint")  # fmt: skip

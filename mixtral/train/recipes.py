@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixtral.config import MixtralConfig
+from mixtral.parallel.layout import ParallelConfig
 from mixtral.train.loop import TrainConfig
 
 
@@ -59,6 +60,7 @@ class Recipe:
     train: TrainConfig
     data: DataConfig = field(default_factory=DataConfig)
     description: str = ""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # used under torchrun
 
 
 _MINI = MixtralConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=512,
@@ -132,15 +134,16 @@ def set_fields(obj: Any, section: str, items: list[str]) -> Any:
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
-    """Apply "section.field=value" overrides (sections: model, train, data), type-checked."""
-    sections: dict[str, Any] = {"model": recipe.model, "train": recipe.train, "data": recipe.data}
+    """Apply "section.field=value" overrides (sections: model, train, data, parallel), type-checked."""
+    sections: dict[str, Any] = {"model": recipe.model, "train": recipe.train, "data": recipe.data,
+                                "parallel": recipe.parallel}  # fmt: skip
     grouped: dict[str, list[str]] = {name: [] for name in sections}
     for item in overrides:
         key, sep, value = item.partition("=")
         section, _, name = key.partition(".")
         if not sep or section not in sections or not name:
             raise ValueError(
-                f"--set takes section.field=value with section in model, train, data; got {item!r}"
+                f"--set takes section.field=value with section in model, train, data, parallel; got {item!r}"
             )
         grouped[section].append(f"{name}={value}")
     return dataclasses.replace(recipe, **{s: set_fields(obj, s, grouped[s]) for s, obj in sections.items()})

@@ -13,19 +13,25 @@ eval.json with the final checkpoint's hash and reused when the finished run is o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from mixtral.checkpoint import save_model
 from mixtral.data.corpus import load_corpus, read_documents
 from mixtral.data.packing import PackedStream, tokenize_documents
 from mixtral.data.tokenizer_train import train_tokenizer
+from mixtral.errors import ConfigError
 from mixtral.eval.lm import evaluate_lm
 from mixtral.model import Transformer
+from mixtral.parallel import Layout, ParallelConfig, init_process_group, make_layout, parallelize
+from mixtral.parallel.data import RankSlice
 from mixtral.text import Tokenizer, load_tokenizer
 from mixtral.train.checkpoint_io import checkpoint_id, has_checkpoint
 from mixtral.train.loop import train
@@ -96,6 +102,36 @@ def plot_curve(metrics_path: Path, png: Path, title: str, eval_key: str = "all/l
     fig.savefig(png, dpi=110)
 
 
+def start_layout(parallel: ParallelConfig, n_experts: int) -> Layout | None:
+    """The job's layout when started by torchrun with several processes (the process group joined),
+    else None: one process. A parallel setting without such a job is a ConfigError that says how to
+    start one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_process_group()
+        return make_layout(parallel, n_experts)
+    if parallel.ep > 1 or parallel.dp_shard > 1 or parallel.dp_replicate > 1:
+        raise ConfigError(
+            f"parallel settings {dataclasses.asdict(parallel)} need a multi-process job: "
+            "torchrun --nproc-per-node N -m mixtral train ... (N = dp_replicate x dp_shard)"
+        )
+    return None
+
+
+def full_model(model: Transformer, layout: Layout | None) -> Transformer | None:
+    """The whole model in one process's memory: `model` itself in one process; under torchrun, a plain
+    copy gathered from the shards on rank 0 (None on the other ranks; every rank must call this)."""
+    if layout is None:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if layout.rank != 0:
+        return None
+    plain = Transformer(model.config)
+    plain.load_state_dict(state)
+    return plain.eval()
+
+
 def run_recipe(
     recipe: Recipe,
     out_dir: str | Path,
@@ -108,39 +144,68 @@ def run_recipe(
     `device` (default CPU) is where the model trains; the model is built on the CPU first, so a
     seed gives the same initial weights everywhere. Resuming with settings other than recipe.json's
     is refused before any file is written, unless every change is safe (`rundir.SAFE_CHANGES`).
+
+    Under torchrun (WORLD_SIZE > 1) the job trains with `recipe.parallel` (`mixtral.parallel`): rank 0
+    holds the run directory's lock and writes everything (tokenizer, caches, logs, reports, export);
+    the other ranks wait for it, read what it prepared, and take part in every step, checkpoint and
+    evaluation. `train.batch_size` is the global batch: each rank reads batch_size / W rows of it.
     """
     out = Path(out_dir)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    layout = start_layout(recipe.parallel, recipe.model.n_experts)
+    writer = layout is None or layout.rank == 0
+    dev = (
+        layout.device
+        if layout is not None
+        else torch.device(device)
+        if device is not None
+        else torch.device("cpu")
+    )
     settings = json.loads(json.dumps(dataclasses.asdict(recipe), default=list))
-    with run_lock(out) as lock:
-        step = has_checkpoint(out) if resume else None
-        if step is not None:
-            changes = check_resume(read_json(out / "recipe.json"), settings, f"{out} (recipe.json)", step)
-            if other := {k: v for k, v in changes.items() if not k.startswith("train.")}:
-                warnings.warn(f"resuming {out} with changed settings: {describe(other)}", stacklevel=2)
-        lock.claim()
-        write_json(out / "recipe.json", settings)
-        tok = prepare_tokenizer(recipe.data, out, progress)
-        train_docs, valid_docs = prepare_data(recipe.data, tok, out / "cache", progress)
+    with run_lock(out) if writer else contextlib.nullcontext() as lock:
+        if writer:
+            step = has_checkpoint(out) if resume else None
+            if step is not None:
+                changes = check_resume(read_json(out / "recipe.json"), settings, f"{out} (recipe.json)", step)
+                if other := {k: v for k, v in changes.items() if not k.startswith("train.")}:
+                    warnings.warn(f"resuming {out} with changed settings: {describe(other)}", stacklevel=2)
+            lock.claim()
+            write_json(out / "recipe.json", settings)
+            tok = prepare_tokenizer(recipe.data, out, progress)
+            train_docs, valid_docs = prepare_data(recipe.data, tok, out / "cache", progress)
+        if layout is not None:  # the others read the tokenizer and token caches rank 0 wrote
+            dist.barrier()
+            if not writer:
+                tok = prepare_tokenizer(recipe.data, out, False)
+                train_docs, valid_docs = prepare_data(recipe.data, tok, out / "cache", False)
         cfg = recipe.model.replace(vocab_size=tok.vocab_size)
         torch.manual_seed(recipe.train.seed)
         model = Transformer(cfg).to(dev)
         stream = PackedStream(
             train_docs, recipe.data.seq_len, recipe.data.weight_map(), seed=recipe.train.seed
         )
+        if layout is not None:
+            parallelize(model, layout)
+            stream = RankSlice(stream, layout.rank, layout.world)
         seq_len, batch_size, max_tokens = (
             recipe.data.seq_len,
             recipe.data.eval_batch_size,
             recipe.train.eval_max_tokens,
         )
+        show = progress and writer
 
         def evaluate(m: Transformer) -> dict[str, float]:
-            return evaluate_lm(
-                m, valid_docs, seq_len, batch_size, recipe.data.eval_batches, max_tokens, progress
-            )
+            return evaluate_lm(m, valid_docs, seq_len, batch_size, recipe.data.eval_batches, max_tokens, show)
 
         state = train(
-            model, lm_objective, stream, recipe.train, out, evaluate, resume=resume, progress=progress
+            model,
+            lm_objective,
+            stream,
+            recipe.train,
+            out,
+            evaluate,
+            resume=resume,
+            progress=show,
+            layout=layout,
         )
         ckpt = checkpoint_id(out, state.step)
         eval_settings = {"seq_len": seq_len, "eval_batch_size": batch_size, "eval_max_tokens": max_tokens,
@@ -151,17 +216,23 @@ def run_recipe(
             final = stored["eval"]  # the finished run opened again: its weights were evaluated already
         else:
             what = f"at most {max_tokens} tokens" if max_tokens else "the whole validation split"
-            note(f"final evaluation: {what} (train.eval_max_tokens)", progress)
-            final = evaluate_lm(model, valid_docs, seq_len, batch_size, None, max_tokens, progress)
+            note(f"final evaluation: {what} (train.eval_max_tokens)", show)
+            final = evaluate_lm(model, valid_docs, seq_len, batch_size, None, max_tokens, show)
         report = {"recipe": recipe.name, "steps": state.step, "tokens_seen": state.tokens_seen,
                   "total_params": cfg.total_params, "active_params": cfg.active_params, "eval": final,
                   "valid_tokens": eval_settings["valid_tokens"], "checkpoint": ckpt,
                   "eval_settings": eval_settings}  # fmt: skip
-        write_json(out / "eval.json", report)
-        note(f"exporting {out / 'model'}", progress)
-        save_model(model, out / "model", tokenizer_src=tok, dtype=torch.bfloat16 if cfg.total_params > 5e6 else None,
-                   overwrite=True)  # fmt: skip
-        plot_curve(
-            out / "metrics.jsonl", out / "curve.png", f"{recipe.name}: {cfg.active_params / 1e6:.1f}M active"
-        )
+        export = full_model(model, layout)
+        if writer:
+            write_json(out / "eval.json", report)
+            note(f"exporting {out / 'model'}", progress)
+            save_model(export, out / "model", tokenizer_src=tok,
+                       dtype=torch.bfloat16 if cfg.total_params > 5e6 else None, overwrite=True)  # fmt: skip
+            plot_curve(
+                out / "metrics.jsonl",
+                out / "curve.png",
+                f"{recipe.name}: {cfg.active_params / 1e6:.1f}M active",
+            )
+        if layout is not None:
+            dist.barrier()  # nobody leaves (and tears the group down) before rank 0 has written
     return report

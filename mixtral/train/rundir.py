@@ -45,6 +45,7 @@ LOCK_FILE = ".lock"
 # Settings that may change when a run resumes (a warning names them); every other change is refused.
 SAFE_CHANGES = frozenset({
     "description",
+    "parallel.ep", "parallel.dp_shard", "parallel.dp_replicate",  # the checkpoints reshard (DCP)
     "train.steps",  # more (or fewer, not below the checkpoint's step) steps: the cosine schedule stretches
     "train.log_every", "train.eval_every", "train.save_every", "train.eval_max_tokens",
     "train.activation_checkpointing",  # recomputes activations; the same gradients

@@ -28,6 +28,7 @@ from mixtral.errors import TrainingError
 from mixtral.parallel import Layout, any_rank
 from mixtral.train.checkpoint_io import (
     COMMIT,
+    CONFIG,
     RNG,
     STATE,
     VERSION,
@@ -107,6 +108,8 @@ def save_sharded_checkpoint(
             record = {**dataclasses.asdict(state), "version": VERSION, "rng": rng_json, "format": FORMAT,
                       "layout": {**dataclasses.asdict(layout.config), "world": layout.world}}  # fmt: skip
             (tmp / STATE).write_text(to_json(record, "training state"))
+            if callable(getattr(getattr(model, "config", None), "to_dict", None)):
+                (tmp / CONFIG).write_text(to_json(model.config.to_dict(), "model config"))
             tensors = {f"rank{r}.{k}": v for r, t in enumerate(all_rng) for k, v in t.items()}
             save_file(tensors, tmp / RNG, metadata={"format": "pt"})
             files = sorted(p.name for p in tmp.iterdir())
@@ -166,3 +169,26 @@ def load_sharded_checkpoint(
     prefix = f"rank{rank if same else 0}."
     restore_rng(state["rng"], {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)})
     return TrainingState(**{f.name: state[f.name] for f in dataclasses.fields(TrainingState)})
+
+
+def export_sharded(path: str | Path, dst: str | Path, **options) -> Path:
+    """A sharded training checkpoint (step directory of a torchrun run) as a checkpoint of our loaders'
+    formats: the weights gathered into one process (no process group needed) and written by
+    `save_model` (`options`: format "hf" or "mistral", dtype, tokenizer_src, overwrite). Without
+    tokenizer_src, the run's own tokenizer (RUN/tokenizer) is taken when it has one."""
+    from mixtral.checkpoint import save_model
+    from mixtral.config import MixtralConfig
+    from mixtral.model import Transformer
+
+    path = Path(path)
+    if not is_sharded(path):
+        raise TrainingError(f"{path} is not a sharded training checkpoint (no {DCP_METADATA})")
+    if not (path / CONFIG).is_file():
+        raise TrainingError(f"{path} has no {CONFIG}: cannot build the model to load it into")
+    model = Transformer(MixtralConfig.from_dict(json.loads((path / CONFIG).read_text())))
+    load_sharded_checkpoint(path, model, None)
+    run_tokenizer = path.parent.parent / "tokenizer" / "tokenizer.model"
+    if "tokenizer_src" not in options and run_tokenizer.is_file():
+        options["tokenizer_src"] = run_tokenizer
+    save_model(model.eval(), dst, **options)
+    return Path(dst)

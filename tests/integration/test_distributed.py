@@ -112,3 +112,43 @@ def test_a_nan_on_one_rank_stops_every_rank_naming_the_module(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() or not any(
         (tmp_path / "run" / "checkpoints").iterdir()
     )
+
+
+def test_torchrun_mixtral_train_then_convert_the_sharded_checkpoint(tmp_path):
+    """`torchrun -m mixtral train --set parallel.ep=2` as a user runs it: the same held-out loss as one
+    process; the exported model and `mixtral convert` of a sharded step directory hold the same weights."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from mixtral import load_model
+
+    one = subprocess.run([sys.executable, "-m", "mixtral", "train", "--recipe", "test", "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    run = torchrun(
+        2, "-m", "mixtral", "train", "--recipe", "test", "--set", "parallel.ep=2", "--out", tmp_path / "ep2"
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert run.stdout.count("done: 8 steps") == 1  # rank 0 reports
+    a, b = (json.loads((tmp_path / d / "eval.json").read_text())["eval"]["all/loss"] for d in ("one", "ep2"))
+    assert abs(a - b) <= 1e-4 * a, (a, b)
+    step = tmp_path / "ep2" / "checkpoints" / "step-00000008"
+    conv = subprocess.run([sys.executable, "-m", "mixtral", "convert", str(step), str(tmp_path / "hf"), "--to", "hf"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    exported, converted = load_model(tmp_path / "ep2" / "model"), load_model(tmp_path / "hf")
+    for (name, p), q in zip(exported.state_dict().items(), converted.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_parallel_settings_without_torchrun_say_how_to_start_a_job(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "mixtral", "train", "--recipe", "test", "--set", "parallel.ep=2",
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode != 0
+    assert "torchrun --nproc-per-node N -m mixtral train" in run.stderr, run.stderr[-1500:]

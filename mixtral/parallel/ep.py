@@ -19,6 +19,8 @@ turned into DTensors split by expert over the EP mesh (`Shard(0)`): the checkpoi
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,6 +30,16 @@ from mixtral.errors import ConfigError
 from mixtral.model.dispatch import ExpertWeights
 from mixtral.model.grouped import grouped_swiglu
 
+# Wall seconds this process spent in the token exchanges (all-to-all of rows and of counts, forward
+# and backward) since the last reset: bench_distributed reads it for the all-to-all's share of a step.
+A2A_SECONDS = [0.0]
+
+
+def _exchange(out: torch.Tensor, x: torch.Tensor, recv, send, group) -> None:
+    t0 = time.perf_counter()
+    dist.all_to_all_single(out, x, recv, send, group=group)
+    A2A_SECONDS[0] += time.perf_counter() - t0
+
 
 class _AllToAll(torch.autograd.Function):
     """rows [sum(send), ...] → [sum(recv), ...] over `group`; backward: the reverse exchange."""
@@ -36,13 +48,13 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x, send: list[int], recv: list[int], group):  # type: ignore[override]
         ctx.send, ctx.recv, ctx.group = send, recv, group
         out = x.new_empty((sum(recv), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        _exchange(out, x.contiguous(), recv, send, group)
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         gx = g.new_empty((sum(ctx.send), *g.shape[1:]))
-        dist.all_to_all_single(gx, g.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        _exchange(gx, g.contiguous(), ctx.send, ctx.recv, ctx.group)
         return gx, None, None, None
 
 
@@ -80,7 +92,6 @@ class ExpertParallelDispatch:
             raise ConfigError(f"{n_experts} experts do not split over {self.ep} expert-parallel ranks")
         self.n_experts = n_experts
         self.local = n_experts // self.ep
-        self.last_a2a_s = 0.0  # seconds in the two row exchanges of the last call (bench_distributed)
         # The experts' gradients are scaled by this on their way back (`parallelize` sets 1 / ep: FSDP2
         # then averages over the W / ep ranks of the expert mesh, so the result is Σ / W, the global mean).
         self.grad_scale = 1.0
@@ -89,8 +100,6 @@ class ExpertParallelDispatch:
     def __call__(
         self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, experts: ExpertWeights
     ) -> torch.Tensor:
-        import time
-
         T, K = ids_TK.shape
         D = x_TD.shape[1]
         ep, E_loc = self.ep, self.local
@@ -99,14 +108,12 @@ class ExpertParallelDispatch:
         counts_E = torch.bincount(flat_S, minlength=self.n_experts)
         # [ep, E_loc]: how many rows this rank sends to each rank, per expert of that rank, and receives
         recv_counts = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
+        _exchange(recv_counts, counts_E, None, None, self.group)
         send_rows = counts_E.view(ep, E_loc).sum(1).tolist()
         recv_EL = recv_counts.view(ep, E_loc)  # [source rank, local expert]
         recv_rows = recv_EL.sum(1).tolist()
         self.last_received = sum(recv_rows)
-        t0 = time.perf_counter()
         x_recv = all_to_all(x_TD[order_S // K], send_rows, recv_rows, self.group)
-        a2a = time.perf_counter() - t0
         # received rows: by source rank, then local expert; regroup by local expert, then source rank
         seg = recv_EL.t().reshape(-1)  # segment sizes, expert-major
         starts = (torch.cumsum(recv_EL.reshape(-1), 0) - recv_EL.reshape(-1)).view(ep, E_loc).t().reshape(-1)
@@ -119,9 +126,7 @@ class ExpertParallelDispatch:
         y_local = grouped_swiglu(x_recv[perm], recv_EL.sum(0).tolist(), w1, w3, w2)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        t0 = time.perf_counter()
         y_sorted = all_to_all(y_local[inverse], recv_rows, send_rows, self.group)
-        self.last_a2a_s = a2a + time.perf_counter() - t0
         back = torch.empty_like(order_S)
         back[order_S] = torch.arange(order_S.numel(), device=order_S.device)
         y_SD = y_sorted[back] * weights_TK.reshape(-1, 1)

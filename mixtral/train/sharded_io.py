@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -122,8 +123,6 @@ def save_sharded_checkpoint(
             if final.exists():
                 old = final.with_name(f".{final.name}.deleting")
                 final.rename(old)
-                import shutil
-
                 shutil.rmtree(old)
             tmp.rename(final)
             fsync(root)

@@ -5,21 +5,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 
 from mixtral.cli.common import add_device_option, resolve_device
 
 
 def _train_config(base, overrides: list[str]):
+    """(TrainConfig, ParallelConfig) from `base` and the --set train.* / parallel.* items."""
+    from mixtral.parallel import ParallelConfig
     from mixtral.train.recipes import set_fields
 
-    items = []
+    items: dict[str, list[str]] = {"train": [], "parallel": []}
     for item in overrides:
         key, sep, value = item.partition("=")
         section, _, name = key.partition(".")
-        if not sep or section != "train" or not name:
-            raise ValueError(f"--set takes train.field=value, got {item!r}")
-        items.append(f"{name}={value}")
-    return set_fields(base, "train", items)
+        if not sep or section not in items or not name:
+            raise ValueError(f"--set takes train.field=value or parallel.field=value, got {item!r}")
+        items[section].append(f"{name}={value}")
+    return set_fields(base, "train", items["train"]), set_fields(
+        ParallelConfig(), "parallel", items["parallel"]
+    )
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _held_out(r: dict, what: str) -> str:
@@ -36,12 +52,18 @@ def cmd_sft(a: argparse.Namespace) -> None:
     from mixtral.train.instruct_run import SFT_TRAIN, InstructConfig, run_sft
 
     device = resolve_device(a.device)
-    cfg = _train_config(SFT_TRAIN, a.overrides)
+    cfg, parallel = _train_config(SFT_TRAIN, a.overrides)
     out = a.out
-    print(f"SFT of {a.model} into {out}/ on {device} ({cfg.steps} steps x {cfg.batch_size} conversations)",
-          flush=True)  # fmt: skip
-    r = run_sft(a.model, out, a.data, a.valid, cfg, InstructConfig(max_len=a.max_len), resume=a.resume,
-                device=device)  # fmt: skip
+    if _rank() == 0:
+        print(f"SFT of {a.model} into {out}/ on {device} ({cfg.steps} steps x {cfg.batch_size} conversations)",
+              flush=True)  # fmt: skip
+    try:
+        r = run_sft(a.model, out, a.data, a.valid, cfg, InstructConfig(max_len=a.max_len), resume=a.resume,
+                    device=device, parallel=parallel)  # fmt: skip
+    finally:
+        _leave_process_group()
+    if _rank() != 0:
+        return
     c = r["data"]["train"]
     print(f"data: {c['kept']} of {c['records']} conversations kept ({c['truncated']} truncated, "
           f"{c['dropped']} dropped; max_len {a.max_len})")  # fmt: skip
@@ -60,13 +82,13 @@ def cmd_dpo(a: argparse.Namespace) -> None:
     from mixtral.train.instruct_run import DPO_TRAIN, InstructConfig, run_dpo
 
     device = resolve_device(a.device)
-    cfg = _train_config(DPO_TRAIN, a.overrides)
+    cfg, parallel = _train_config(DPO_TRAIN, a.overrides)
     icfg = InstructConfig(
         max_len=a.max_len, beta=a.beta, label_smoothing=a.label_smoothing, reference=a.reference
     )
     print(f"DPO of {a.model} into {a.out}/ on {device} ({cfg.steps} steps x {cfg.batch_size} pairs, "
           f"beta {a.beta}, {a.reference} reference)", flush=True)  # fmt: skip
-    r = run_dpo(a.model, a.out, a.data, a.valid, cfg, icfg, resume=a.resume, device=device)
+    r = run_dpo(a.model, a.out, a.data, a.valid, cfg, icfg, resume=a.resume, device=device, parallel=parallel)
     c = r["data"]["train"]
     print(f"data: {c['kept']} of {c['records']} pairs kept ({c['dropped']} dropped over max_len {a.max_len}, "
           f"{c.get('identical', 0)} dropped as chosen == rejected)")  # fmt: skip
@@ -92,7 +114,8 @@ def _common(p: argparse.ArgumentParser, kind: str, default_cfg) -> None:
     )
     fields = ", ".join(f"{f.name}={getattr(default_cfg, f.name)}" for f in dataclasses.fields(default_cfg))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.FIELD=VALUE",
-                   help=f"override a training setting (repeatable; types checked). Defaults: {fields}")  # fmt: skip
+                   help=f"override a training setting (repeatable; types checked). Defaults: {fields}. Under torchrun (sft): "
+                   "parallel.ep / parallel.dp_shard / parallel.dp_replicate (docs/scaling.md)")  # fmt: skip
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start afresh in --out")
     add_device_option(p)
 

@@ -19,9 +19,11 @@ settings match. Phases longer than a moment show progress bars (with `progress`)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mixtral.atomic import atomic_file
-from mixtral.checkpoint import load_model, save_model
+from mixtral.checkpoint import load_model, read_config, save_model
 from mixtral.data.instruct import (
     PreferenceStream,
     SFTStream,
@@ -43,13 +46,15 @@ from mixtral.data.instruct import (
     tokenize_preferences,
     tokenize_sft,
 )
-from mixtral.errors import DataError
+from mixtral.errors import ConfigError, DataError
 from mixtral.eval.lm import masked_loss
+from mixtral.parallel import ParallelConfig, parallelize
+from mixtral.parallel.data import RankSlice
 from mixtral.text import load_tokenizer
 from mixtral.train.checkpoint_io import checkpoint_id, has_checkpoint
 from mixtral.train.instruct import DPOObjective, dpo_loss, evaluate_dpo, reference_logprobs, sft_objective
 from mixtral.train.loop import Objective, TrainConfig, train
-from mixtral.train.run import plot_curve
+from mixtral.train.run import full_model, plot_curve, start_layout
 from mixtral.train.rundir import (
     cached_json,
     check_resume,
@@ -277,8 +282,12 @@ def run_instruct(
     resume: bool = True,
     progress: bool = True,
     device: str | torch.device | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> dict:
     """SFT or DPO (`kind`) of `model_path` into `out_dir`; returns the report also written to eval.json.
+
+    Under torchrun (WORLD_SIZE > 1), SFT trains with `parallel` (as `run_recipe`: rank 0 writes, the
+    others follow; `cfg.batch_size` is the global batch); DPO is one process only for now.
 
     Without `train_file`, the bundled data/instruct files are used (and their held-out split unless
     `valid_file` is given). `cfg` None takes the kind's defaults (SFT_TRAIN, DPO_TRAIN). The report
@@ -294,13 +303,26 @@ def run_instruct(
         valid_file = valid_file or DATA_DIR / f"{k.files}_valid.jsonl"
     train_path, valid_path = Path(train_file), (Path(valid_file) if valid_file else None)
     out = Path(out_dir)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    parallel, layout = parallel or ParallelConfig(), None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or parallel != ParallelConfig():
+        layout = start_layout(parallel, read_config(model_path)[0].n_experts)
+    if layout is not None and kind != "sft":
+        raise ConfigError(f"{kind} under torchrun is not supported yet: run `mixtral {kind}` in one process")
+    writer = layout is None or layout.rank == 0
+    dev = (
+        layout.device
+        if layout is not None
+        else torch.device(device)
+        if device is not None
+        else torch.device("cpu")
+    )
+    progress = progress and writer
     info = {"kind": kind, "base": str(Path(model_path).resolve()), "train_file": str(train_path.resolve()),
             "valid_file": str(valid_path.resolve()) if valid_path else None,
             "data_sha256": {"train": _file_sha256(train_path), "valid": _file_sha256(valid_path)},
             "train": dataclasses.asdict(cfg), "instruct": dataclasses.asdict(icfg)}  # fmt: skip
-    with run_lock(out) as lock:
-        step = has_checkpoint(out) if resume else None
+    with run_lock(out) if writer else contextlib.nullcontext() as lock:
+        step = has_checkpoint(out) if resume and writer else None
         if step is not None:
             stored = read_json(out / "run.json")
             if isinstance(stored, dict) and isinstance(stored.get("base"), str):
@@ -308,10 +330,11 @@ def run_instruct(
             changes = check_resume(stored, info, f"{out} (run.json)", step)
             if other := {k_: v for k_, v in changes.items() if not k_.startswith("train.")}:
                 warnings.warn(f"resuming {out} with changed settings: {describe(other)}", stacklevel=2)
-        lock.claim()
-        write_json(out / "run.json", info)
+        if writer:
+            lock.claim()
+            write_json(out / "run.json", info)
         note(f"loading {model_path} and tokenizing {train_path.name}", progress)
-        model = load_model(model_path, device=dev, kernels=dev.type == "cpu")
+        model = load_model(model_path, device=dev, kernels=dev.type == "cpu" and layout is None)
         tok = load_tokenizer(model_path)
         examples, counts = k.tokenize(tok, k.read(train_path), icfg.max_len)
         if kind == "dpo":
@@ -330,7 +353,8 @@ def run_instruct(
                 data_info["valid"]["kept"] -= data_info["valid"]["identical"]
             valid = eval_subset(all_valid, cfg.eval_max_tokens, k.size)
             data_info["valid"].update(evaluated=len(valid), evaluated_tokens=sum(map(k.size, valid)))
-        write_json(out / "data.json", data_info)
+        if writer:
+            write_json(out / "data.json", data_info)
         ctx = _Context(out, model_fingerprint(model), progress)
         objective, stream, evaluate, baseline = k.setup(model, examples, valid, cfg, icfg, ctx)
         valid_key = examples_key(valid)
@@ -339,7 +363,15 @@ def run_instruct(
         if valid:
             note(f"held-out: {len(valid)} {k.records}s, {data_info['valid']['evaluated_tokens']} tokens "
                   f"per evaluation (train.eval_max_tokens={cfg.eval_max_tokens})", progress)  # fmt: skip
-        before = cached_json(out / "baseline.json", fingerprint(ctx.model_key, eval_settings), baseline)
+        # the starting model's metrics, before any sharding (rank 0 reports them; nothing collective)
+        before = (
+            cached_json(out / "baseline.json", fingerprint(ctx.model_key, eval_settings), baseline)
+            if writer
+            else {}
+        )
+        if layout is not None:
+            parallelize(model, layout)
+            stream = RankSlice(stream, layout.rank, layout.world)
         evaluations: list[dict] = []
 
         def tracked(m: torch.nn.Module) -> dict:
@@ -347,7 +379,7 @@ def run_instruct(
             return evaluations[-1]
 
         torch.manual_seed(cfg.seed)
-        state = train(model, objective, stream, cfg, out, tracked, resume, progress)
+        state = train(model, objective, stream, cfg, out, tracked, resume, progress, layout=layout)
         ckpt = checkpoint_id(out, state.step)
         stored = read_json(out / "eval.json") if resume else None
         if evaluations:  # the loop evaluated at its last step: that is the final evaluation
@@ -360,12 +392,16 @@ def run_instruct(
         report = {"kind": kind, "steps": state.step, "tokens_seen": state.tokens_seen, "data": data_info,
                   **k.report(before, after, icfg), "final_eval": after, "checkpoint": ckpt,
                   "eval_settings": eval_settings}  # fmt: skip
-        write_json(out / "eval.json", report)
-        note(f"exporting {out / 'model'}", progress)
-        dtype = torch.bfloat16 if model.config.total_params > 5e6 else None
-        save_model(model, out / "model", tokenizer_src=tok, dtype=dtype, overwrite=True)
-        title = "SFT" if kind == "sft" else f"DPO (beta={icfg.beta})"
-        plot_curve(out / "metrics.jsonl", out / "curve.png", title, *k.curve)
+        export = full_model(model, layout)
+        if writer:
+            write_json(out / "eval.json", report)
+            note(f"exporting {out / 'model'}", progress)
+            dtype = torch.bfloat16 if model.config.total_params > 5e6 else None
+            save_model(export, out / "model", tokenizer_src=tok, dtype=dtype, overwrite=True)
+            title = "SFT" if kind == "sft" else f"DPO (beta={icfg.beta})"
+            plot_curve(out / "metrics.jsonl", out / "curve.png", title, *k.curve)
+        if layout is not None:
+            dist.barrier()  # nobody tears the group down before rank 0 has written
     return report
 
 

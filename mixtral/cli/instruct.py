@@ -86,9 +86,17 @@ def cmd_dpo(a: argparse.Namespace) -> None:
     icfg = InstructConfig(
         max_len=a.max_len, beta=a.beta, label_smoothing=a.label_smoothing, reference=a.reference
     )
-    print(f"DPO of {a.model} into {a.out}/ on {device} ({cfg.steps} steps x {cfg.batch_size} pairs, "
-          f"beta {a.beta}, {a.reference} reference)", flush=True)  # fmt: skip
-    r = run_dpo(a.model, a.out, a.data, a.valid, cfg, icfg, resume=a.resume, device=device, parallel=parallel)
+    if _rank() == 0:
+        print(f"DPO of {a.model} into {a.out}/ on {device} ({cfg.steps} steps x {cfg.batch_size} pairs, "
+              f"beta {a.beta}, {a.reference} reference)", flush=True)  # fmt: skip
+    try:
+        r = run_dpo(
+            a.model, a.out, a.data, a.valid, cfg, icfg, resume=a.resume, device=device, parallel=parallel
+        )
+    finally:
+        _leave_process_group()
+    if _rank() != 0:
+        return
     c = r["data"]["train"]
     print(f"data: {c['kept']} of {c['records']} pairs kept ({c['dropped']} dropped over max_len {a.max_len}, "
           f"{c.get('identical', 0)} dropped as chosen == rejected)")  # fmt: skip
@@ -114,7 +122,7 @@ def _common(p: argparse.ArgumentParser, kind: str, default_cfg) -> None:
     )
     fields = ", ".join(f"{f.name}={getattr(default_cfg, f.name)}" for f in dataclasses.fields(default_cfg))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.FIELD=VALUE",
-                   help=f"override a training setting (repeatable; types checked). Defaults: {fields}. Under torchrun (sft): "
+                   help=f"override a training setting (repeatable; types checked). Defaults: {fields}. Under torchrun: "
                    "parallel.ep / parallel.dp_shard / parallel.dp_replicate (docs/scaling.md)")  # fmt: skip
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start afresh in --out")
     add_device_option(p)

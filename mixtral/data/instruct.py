@@ -233,6 +233,13 @@ class PreferenceBatch:
     loss_mask: torch.Tensor  # [2B, T] bool, True exactly where the target is a response token
     index: torch.Tensor  # [B] int64, each pair's index in the stream's example list
 
+    def pairs(self, start: int, stop: int) -> PreferenceBatch:
+        """Pairs [start, stop) of the batch: their chosen rows and their rejected rows."""
+        B = self.index.numel()
+        rows = torch.cat([torch.arange(start, stop), B + torch.arange(start, stop)])
+        return PreferenceBatch(self.inputs[rows], self.targets[rows], self.positions[rows], self.loss_mask[rows],
+                               self.index[start:stop])  # fmt: skip
+
 
 def _collate(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
     """(ids [N], target mask [N]) rows as right-padded inputs/targets/positions/loss_mask [B, T]."""

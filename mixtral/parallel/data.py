@@ -31,8 +31,9 @@ class RankSlice:
         if batch is None:
             return None
         b = batch_size // self.size
-        rows = slice(self.rank * b, (self.rank + 1) * b)
-        return _rows(batch, rows)
+        if callable(getattr(batch, "pairs", None)):  # a preference batch: its pairs, chosen and rejected rows
+            return batch.pairs(self.rank * b, (self.rank + 1) * b)
+        return _rows(batch, slice(self.rank * b, (self.rank + 1) * b))
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()

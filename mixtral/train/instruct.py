@@ -128,7 +128,13 @@ class DPOObjective:
         loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing)
         real = batch.positions >= 0
         return ObjectiveOutput(
-            loss, router_logits, real, int(real.sum()), metrics, int(batch.loss_mask.sum())
+            loss,
+            router_logits,
+            real,
+            int(real.sum()),
+            metrics,
+            int(batch.loss_mask.sum()),
+            batch.index.numel(),
         )
 
 

@@ -46,7 +46,7 @@ from mixtral.data.instruct import (
     tokenize_preferences,
     tokenize_sft,
 )
-from mixtral.errors import ConfigError, DataError
+from mixtral.errors import DataError
 from mixtral.eval.lm import masked_loss
 from mixtral.parallel import ParallelConfig, parallelize
 from mixtral.parallel.data import RankSlice
@@ -126,6 +126,7 @@ class _Context:
     out: Path
     model_key: str  # model_fingerprint of the base model
     progress: bool
+    writer: bool = True  # False on torchrun ranks other than 0: compute, never write
 
 
 def _sft_setup(
@@ -145,7 +146,7 @@ def _sft_setup(
 
 def cached_reference(
     model: torch.nn.Module, stream: PreferenceStream, indices: Iterable[int], path: Path, model_key: str,
-    batch_size: int = 8, progress: bool = False,
+    batch_size: int = 8, progress: bool = False, write: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """`[N, 2]` reference log-probs of `stream`'s examples at `indices` (other rows NaN), read from
     `path` where it holds them for the same base model and examples, computed (and added to `path`,
@@ -165,8 +166,9 @@ def cached_reference(
         computed = reference_logprobs(model, stream, batch_size, need, progress)
         ref[need] = computed[need]
         have = (~torch.isnan(ref).any(-1)).nonzero().flatten()
-        with atomic_file(path) as tmp:
-            save_file({"index": have, "logprobs": ref[have].contiguous()}, tmp, metadata={"key": key})
+        if write:
+            with atomic_file(path) as tmp:
+                save_file({"index": have, "logprobs": ref[have].contiguous()}, tmp, metadata={"key": key})
     return ref
 
 
@@ -182,12 +184,12 @@ def _dpo_setup(
     else:  # only the pairs the run's steps draw (from step 0, so a resume finds them all in the cache)
         visits = stream.upcoming_indices(cfg.steps * cfg.batch_size * cfg.grad_accum)
         ref = cached_reference(model, stream, visits, ctx.out / "reference-train.safetensors", ctx.model_key,
-                               icfg.eval_batch_size, ctx.progress)  # fmt: skip
+                               icfg.eval_batch_size, ctx.progress, ctx.writer)  # fmt: skip
         objective = DPOObjective(ref, icfg.beta, icfg.label_smoothing)
         valid_ref = valid_objective = None
         if valid_stream is not None:
             valid_ref = cached_reference(model, valid_stream, range(len(valid)), ctx.out / "reference-valid.safetensors",
-                                         ctx.model_key, icfg.eval_batch_size, ctx.progress)  # fmt: skip
+                                         ctx.model_key, icfg.eval_batch_size, ctx.progress, ctx.writer)  # fmt: skip
             valid_objective = DPOObjective(valid_ref, icfg.beta, icfg.label_smoothing)
 
     def evaluate(m: torch.nn.Module) -> dict:
@@ -286,8 +288,10 @@ def run_instruct(
 ) -> dict:
     """SFT or DPO (`kind`) of `model_path` into `out_dir`; returns the report also written to eval.json.
 
-    Under torchrun (WORLD_SIZE > 1), SFT trains with `parallel` (as `run_recipe`: rank 0 writes, the
-    others follow; `cfg.batch_size` is the global batch); DPO is one process only for now.
+    Under torchrun (WORLD_SIZE > 1) the run trains with `parallel` (as `run_recipe`: rank 0 writes, the
+    others follow; `cfg.batch_size` is the global batch, of pairs for DPO). Reference log-probabilities
+    and the baseline are computed on the unsharded model before sharding, on every rank (rank 0 caches
+    them); a "copy" reference stays whole on every rank.
 
     Without `train_file`, the bundled data/instruct files are used (and their held-out split unless
     `valid_file` is given). `cfg` None takes the kind's defaults (SFT_TRAIN, DPO_TRAIN). The report
@@ -306,8 +310,6 @@ def run_instruct(
     parallel, layout = parallel or ParallelConfig(), None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or parallel != ParallelConfig():
         layout = start_layout(parallel, read_config(model_path)[0].n_experts)
-    if layout is not None and kind != "sft":
-        raise ConfigError(f"{kind} under torchrun is not supported yet: run `mixtral {kind}` in one process")
     writer = layout is None or layout.rank == 0
     dev = (
         layout.device
@@ -355,7 +357,7 @@ def run_instruct(
             data_info["valid"].update(evaluated=len(valid), evaluated_tokens=sum(map(k.size, valid)))
         if writer:
             write_json(out / "data.json", data_info)
-        ctx = _Context(out, model_fingerprint(model), progress)
+        ctx = _Context(out, model_fingerprint(model), progress, writer)
         objective, stream, evaluate, baseline = k.setup(model, examples, valid, cfg, icfg, ctx)
         valid_key = examples_key(valid)
         eval_settings = {"valid": valid_key, "eval_batch_size": icfg.eval_batch_size, "beta": icfg.beta,

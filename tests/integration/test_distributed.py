@@ -154,7 +154,7 @@ def test_parallel_settings_without_torchrun_say_how_to_start_a_job(tmp_path):
     assert "torchrun --nproc-per-node N -m mixtral train" in run.stderr, run.stderr[-1500:]
 
 
-def test_torchrun_mixtral_sft_equals_one_process_and_dpo_says_one_process(tmp_path):
+def test_torchrun_mixtral_sft_equals_one_process(tmp_path):
     import json
     import subprocess
     import sys
@@ -180,6 +180,33 @@ def test_torchrun_mixtral_sft_equals_one_process_and_dpo_says_one_process(tmp_pa
     assert a["valid_loss_before"] == b["valid_loss_before"]
     assert abs(a["valid_loss_after"] - b["valid_loss_after"]) <= 1e-4 * a["valid_loss_after"], (a, b)
     assert (tmp_path / "ep2" / "checkpoints" / "step-00000006" / ".metadata").is_file()
-    pref = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 4)
-    dpo = torchrun(2, "-m", "mixtral", "dpo", str(base), "--data", str(pref), "--out", tmp_path / "dpo")
-    assert dpo.returncode != 0 and "dpo under torchrun is not supported yet" in dpo.stdout, dpo.stdout[-2000:]
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "copy"])
+def test_torchrun_mixtral_dpo_equals_one_process(tmp_path, reference):
+    import json
+    import subprocess
+    import sys
+
+    from helpers import save_tiny_model, write_jsonl
+
+    base = save_tiny_model(tmp_path / "base")
+    pairs = [{"prompt": f"Is {n} a number?", "chosen": f"yes {n}", "rejected": f"no {n}"} for n in range(40)]
+    train, valid = (
+        write_jsonl(tmp_path / "t.jsonl", pairs[:32]),
+        write_jsonl(tmp_path / "v.jsonl", pairs[32:]),
+    )
+    args = ["dpo", str(base), "--data", str(train), "--valid", str(valid), "--max-len", "64", "--reference", reference,
+            "--set", "train.steps=4", "--set", "train.batch_size=4", "--set", "train.warmup_steps=1",
+            "--set", "train.eval_every=4", "--set", "train.save_every=4", "--set", "train.log_every=1"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "mixtral", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    run = torchrun(2, "-m", "mixtral", *args, "--set", "parallel.ep=2", "--out", tmp_path / "ep2")
+    assert run.returncode == 0, run.stdout[-3000:]
+    curves = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("one", "ep2")]  # fmt: skip
+    assert len(curves[0]) == 4 and curves[1] == pytest.approx(curves[0], rel=1e-4)
+    a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "ep2"))
+    assert a["valid_before"] == pytest.approx(b["valid_before"], rel=1e-5)
+    assert a["valid_after"] == pytest.approx(b["valid_after"], rel=1e-4)

@@ -56,7 +56,7 @@ def main() -> int:
         init_process_group(timeout_s=120)
         layout = make_layout(ParallelConfig(ep=ep, dp_shard=dp_shard), n_experts=CONFIG.n_experts)
     torch.manual_seed(seed)
-    model = Transformer(CONFIG).double()
+    model = Transformer(CONFIG)
     stream = PackedStream(docs(1), 16, seed=3)
     if layout is not None:
         parallelize(model, layout)

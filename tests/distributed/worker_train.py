@@ -55,9 +55,7 @@ def main() -> int:
     cfg = CONFIG
     train_cfg = TrainConfig(steps=steps, batch_size=8, lr=2e-2, min_lr=2e-3, warmup_steps=3, grad_clip=0.5)
     torch.manual_seed(0)
-    # float64: Adam's first steps move every weight by ~lr whatever its gradient's size, so fp32 rounding
-    # differences in near-zero gradients would show in the loss; in float64 they stay far below 1e-5.
-    model = Transformer(cfg).double()
+    model = Transformer(cfg)
     ref = copy.deepcopy(model)
     want = run(ref, PackedStream(docs(1), 16, seed=3), train_cfg, steps)
     parallelize(model, layout)

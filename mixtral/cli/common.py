@@ -4,6 +4,7 @@ a device, argparse value checks, option mapping, and reading text that may not b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -255,3 +256,16 @@ def generation_config(a: argparse.Namespace) -> GenerationConfig:
     """The GenerationConfig of a command's sampling flags (those it has; the rest keep defaults)."""
     fields = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chunk_size", "compile")
     return GenerationConfig(**{f: getattr(a, f) for f in fields if hasattr(a, f)})
+
+
+def job_rank() -> int:
+    """This process's rank in a torchrun job (0 outside one): only rank 0 prints a command's report."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def leave_process_group() -> None:
+    """Tear down the torch.distributed group a torchrun job joined, if any (after the command's run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 
-from mixtral.cli.common import add_device_option, resolve_device
+from mixtral.cli.common import add_device_option, job_rank, leave_process_group, resolve_device
 
 
 def _train_config(base, overrides: list[str]):
@@ -27,17 +26,6 @@ def _train_config(base, overrides: list[str]):
     )
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _leave_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _held_out(r: dict, what: str) -> str:
     v = r["data"].get("valid") or {}
     return f" ({v.get('evaluated')} of {v.get('kept')} held-out {what}, {v.get('evaluated_tokens')} tokens)"
@@ -54,15 +42,15 @@ def cmd_sft(a: argparse.Namespace) -> None:
     device = resolve_device(a.device)
     cfg, parallel = _train_config(SFT_TRAIN, a.overrides)
     out = a.out
-    if _rank() == 0:
+    if job_rank() == 0:
         print(f"SFT of {a.model} into {out}/ on {device} ({cfg.steps} steps x {cfg.batch_size} conversations)",
               flush=True)  # fmt: skip
     try:
         r = run_sft(a.model, out, a.data, a.valid, cfg, InstructConfig(max_len=a.max_len), resume=a.resume,
                     device=device, parallel=parallel)  # fmt: skip
     finally:
-        _leave_process_group()
-    if _rank() != 0:
+        leave_process_group()
+    if job_rank() != 0:
         return
     c = r["data"]["train"]
     print(f"data: {c['kept']} of {c['records']} conversations kept ({c['truncated']} truncated, "
@@ -86,7 +74,7 @@ def cmd_dpo(a: argparse.Namespace) -> None:
     icfg = InstructConfig(
         max_len=a.max_len, beta=a.beta, label_smoothing=a.label_smoothing, reference=a.reference
     )
-    if _rank() == 0:
+    if job_rank() == 0:
         print(f"DPO of {a.model} into {a.out}/ on {device} ({cfg.steps} steps x {cfg.batch_size} pairs, "
               f"beta {a.beta}, {a.reference} reference)", flush=True)  # fmt: skip
     try:
@@ -94,8 +82,8 @@ def cmd_dpo(a: argparse.Namespace) -> None:
             a.model, a.out, a.data, a.valid, cfg, icfg, resume=a.resume, device=device, parallel=parallel
         )
     finally:
-        _leave_process_group()
-    if _rank() != 0:
+        leave_process_group()
+    if job_rank() != 0:
         return
     c = r["data"]["train"]
     print(f"data: {c['kept']} of {c['records']} pairs kept ({c['dropped']} dropped over max_len {a.max_len}, "

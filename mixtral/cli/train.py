@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from mixtral.cli.common import add_device_option, resolve_device
+from mixtral.cli.common import add_device_option, job_rank, leave_process_group, resolve_device
 
 
 def cmd_train(
@@ -30,7 +30,7 @@ def cmd_train(
     dev = resolve_device(device)
     recipe = apply_overrides(get_recipe(recipe_name), overrides)
     out_dir = Path(out or f"runs/{recipe.name}")
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), job_rank()
     where = (
         f"{world} processes (torchrun), parallel {dataclasses.asdict(recipe.parallel)}" if world > 1 else dev
     )
@@ -39,20 +39,13 @@ def cmd_train(
     try:
         report = run_recipe(recipe, out_dir, resume=resume, device=dev, progress=rank == 0)
     finally:
-        _leave_process_group()
+        leave_process_group()
     if rank != 0:
         return
     ev = report["eval"]
     print(f"done: {report['steps']} steps, {report['tokens_seen']:,} tokens; held-out loss {ev['all/loss']:.3f} "
           f"(ppl {ev['all/ppl']:.1f}); model in {out_dir / 'model'}, curve {out_dir / 'curve.png'}")  # fmt: skip
     print(json.dumps({k: round(v, 4) for k, v in ev.items()}))
-
-
-def _leave_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def cmd_tokenizer_train(

@@ -123,15 +123,6 @@ class Layout:
         """("dp_replicate", "dp_shard_mod_ep"): where FSDP2 puts each EP rank's experts."""
         return self.mesh["dp_replicate", "dp_shard_mod_ep"]
 
-    @property
-    def data_rank(self) -> int:
-        """Which slice of the global batch this rank reads: every rank reads its own."""
-        return self.rank
-
-    @property
-    def data_size(self) -> int:
-        return self.world
-
 
 def make_layout(config: ParallelConfig, n_experts: int) -> Layout:
     """The layout of the running job (init_process_group first) for a model of `n_experts` experts."""

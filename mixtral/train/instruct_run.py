@@ -19,11 +19,9 @@ settings match. Phases longer than a moment show progress bars (with `progress`)
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
-import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -54,7 +52,7 @@ from mixtral.text import load_tokenizer
 from mixtral.train.checkpoint_io import checkpoint_id, has_checkpoint
 from mixtral.train.instruct import DPOObjective, dpo_loss, evaluate_dpo, reference_logprobs, sft_objective
 from mixtral.train.loop import Objective, TrainConfig, train
-from mixtral.train.run import full_model, plot_curve, start_layout
+from mixtral.train.run import full_model, plot_curve, start_job
 from mixtral.train.rundir import (
     cached_json,
     check_resume,
@@ -63,7 +61,6 @@ from mixtral.train.rundir import (
     model_fingerprint,
     note,
     read_json,
-    run_lock,
     write_json,
 )
 
@@ -307,23 +304,14 @@ def run_instruct(
         valid_file = valid_file or DATA_DIR / f"{k.files}_valid.jsonl"
     train_path, valid_path = Path(train_file), (Path(valid_file) if valid_file else None)
     out = Path(out_dir)
-    parallel, layout = parallel or ParallelConfig(), None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or parallel != ParallelConfig():
-        layout = start_layout(parallel, read_config(model_path)[0].n_experts)
-    writer = layout is None or layout.rank == 0
-    dev = (
-        layout.device
-        if layout is not None
-        else torch.device(device)
-        if device is not None
-        else torch.device("cpu")
-    )
+    job = start_job(parallel or ParallelConfig(), lambda: read_config(model_path)[0].n_experts, device)
+    layout, writer, dev = job.layout, job.writer, job.device
     progress = progress and writer
     info = {"kind": kind, "base": str(Path(model_path).resolve()), "train_file": str(train_path.resolve()),
             "valid_file": str(valid_path.resolve()) if valid_path else None,
             "data_sha256": {"train": _file_sha256(train_path), "valid": _file_sha256(valid_path)},
             "train": dataclasses.asdict(cfg), "instruct": dataclasses.asdict(icfg)}  # fmt: skip
-    with run_lock(out) if writer else contextlib.nullcontext() as lock:
+    with job.lock(out) as lock:
         step = has_checkpoint(out) if resume and writer else None
         if step is not None:
             stored = read_json(out / "run.json")

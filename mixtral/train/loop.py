@@ -157,13 +157,10 @@ def _global_means(out: ObjectiveOutput, z: torch.Tensor, layout: Layout) -> tupl
     back): their gradients, and their averages over the ranks, are then those of the means over the
     global batch, as one process computes them (ranks hold different numbers of loss tokens: document
     boundaries, padding, SFT's masks)."""
-    n_loss = (
-        out.loss_over
-        if out.loss_over is not None
-        else out.tokens
-        if out.loss_tokens is None
-        else out.loss_tokens
-    )
+    if out.loss_over is not None:
+        n_loss = out.loss_over
+    else:
+        n_loss = out.tokens if out.loss_tokens is None else out.loss_tokens
     n_router = (
         int(out.router_mask.sum()) if out.router_mask is not None else out.router_logits[0, ..., 0].numel()
     )

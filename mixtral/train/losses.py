@@ -57,8 +57,7 @@ def load_balancing_loss(
         n = logits.new_tensor(float(N))
     if reduce is not None:
         f_sum, p_sum, n = reduce(f_sum.detach()), reduce(p_sum), reduce(n)
-    if float(n) == 0:
-        return logits.new_zeros(()) + 0.0 * p_sum.sum()
+    n = n.clamp(min=1.0)  # no token: the sums are 0, so is the loss (no host sync to ask)
     f, p = f_sum / n, p_sum / n
     if form == "pooled":
         return E * (f * p).sum()

@@ -18,6 +18,8 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -102,19 +104,39 @@ def plot_curve(metrics_path: Path, png: Path, title: str, eval_key: str = "all/l
     fig.savefig(png, dpi=110)
 
 
-def start_layout(parallel: ParallelConfig, n_experts: int) -> Layout | None:
-    """The job's layout when started by torchrun with several processes (the process group joined),
-    else None: one process. A parallel setting without such a job is a ConfigError that says how to
-    start one."""
+@dataclass
+class Job:
+    """Where a run executes: one process (`layout` None) or its rank of a torchrun job."""
+
+    layout: Layout | None
+    device: torch.device
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run directory (one process, or rank 0)."""
+        return self.layout is None or self.layout.rank == 0
+
+    def lock(self, out: Path):
+        """The run directory's writer lock on the writing process; nothing on the other ranks."""
+        return run_lock(out) if self.writer else contextlib.nullcontext()
+
+
+def start_job(
+    parallel: ParallelConfig, n_experts: Callable[[], int], device: str | torch.device | None
+) -> Job:
+    """Join the job torchrun started with several processes (`parallel`'s layout, for a model of
+    `n_experts()` experts, on the rank's device), else one process on `device` (default CPU). A parallel
+    setting without such a job is a ConfigError that says how to start one."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_process_group()
-        return make_layout(parallel, n_experts)
+        layout = make_layout(parallel, n_experts())
+        return Job(layout, layout.device)
     if parallel.ep > 1 or parallel.dp_shard > 1 or parallel.dp_replicate > 1:
         raise ConfigError(
             f"parallel settings {dataclasses.asdict(parallel)} need a multi-process job: "
             "torchrun --nproc-per-node N -m mixtral train ... (N = dp_replicate x dp_shard)"
         )
-    return None
+    return Job(None, torch.device(device) if device is not None else torch.device("cpu"))
 
 
 def full_model(model: Transformer, layout: Layout | None) -> Transformer | None:
@@ -151,17 +173,10 @@ def run_recipe(
     evaluation. `train.batch_size` is the global batch: each rank reads batch_size / W rows of it.
     """
     out = Path(out_dir)
-    layout = start_layout(recipe.parallel, recipe.model.n_experts)
-    writer = layout is None or layout.rank == 0
-    dev = (
-        layout.device
-        if layout is not None
-        else torch.device(device)
-        if device is not None
-        else torch.device("cpu")
-    )
+    job = start_job(recipe.parallel, lambda: recipe.model.n_experts, device)
+    layout, writer, dev = job.layout, job.writer, job.device
     settings = json.loads(json.dumps(dataclasses.asdict(recipe), default=list))
-    with run_lock(out) if writer else contextlib.nullcontext() as lock:
+    with job.lock(out) as lock:
         if writer:
             step = has_checkpoint(out) if resume else None
             if step is not None:

@@ -25,7 +25,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+from mixtral.checkpoint import save_model
+from mixtral.config import MixtralConfig
 from mixtral.errors import TrainingError
+from mixtral.model import Transformer
 from mixtral.parallel import Layout, any_rank
 from mixtral.train.checkpoint_io import (
     COMMIT,
@@ -175,10 +178,6 @@ def export_sharded(path: str | Path, dst: str | Path, **options) -> Path:
     formats: the weights gathered into one process (no process group needed) and written by
     `save_model` (`options`: format "hf" or "mistral", dtype, tokenizer_src, overwrite). Without
     tokenizer_src, the run's own tokenizer (RUN/tokenizer) is taken when it has one."""
-    from mixtral.checkpoint import save_model
-    from mixtral.config import MixtralConfig
-    from mixtral.model import Transformer
-
     path = Path(path)
     if not is_sharded(path):
         raise TrainingError(f"{path} is not a sharded training checkpoint (no {DCP_METADATA})")

@@ -133,9 +133,19 @@ def make_decode_step(model: Transformer, cache: KVCache, compile: bool = False) 
     shapes: one graph for every step once `apply_kernels` has given the MoE layers the decode kernel,
     as `load_model` does; plain `SortedDispatch` reads its expert counts on the host, which breaks
     the graph there); if compilation fails the eager step is used, with a warning.
+
+    Eager, on a model whose whole decode step runs in C++ (`apply_kernels`; fp32, CPU), the step is
+    bound to the model's weights as they are when this is called: change the model (quantize it,
+    swap a module), then make a new step.
     """
     model.check_cache(cache)  # the compiled step calls step_cached, which checks nothing
     if not compile:
+        # The whole step bound once (`mixtral.kernels.decode.FusedStep.bind`) where the model has one
+        # and can take it: the model's weights as they are now, for this request.
+        bind = getattr(model.fused_step, "bind", None)
+        bound = bind(model, cache) if bind is not None else None
+        if bound is not None:
+            return bound
         return lambda token_B, position_B: decode_one_token(model, token_B, position_B, cache)
     if not cache.static:
         raise ValueError("a compiled decode step needs a static cache (KVCache.allocate(..., static=True))")

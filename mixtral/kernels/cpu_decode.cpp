@@ -306,10 +306,136 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
   return {hbuf, logits};
 }
 
-// A whole decode step: the embedding rows of `tokens`, RoPE's cos / sin at `positions` from
-// `inv_freq` (fp32 position · inv_freq, as rope_cos_sin), every block through decode_layer (layer l's
-// arguments at index l of each list, 4·l.. for the attention's), the final RMSNorm and the output head.
-// Returns (logits [B, V], router logits [L, B, E]).
+// A whole decode step's weights, taken once: the embedding, RoPE's `inv_freq`, every block's
+// decode_layer arguments (layer l's at index l of each list, 4·l.. for the attention's), the final
+// RMSNorm and the output head. `run` is the step: the embedding rows of `tokens`, RoPE's cos / sin at
+// `positions` (fp32 position · inv_freq, as rope_cos_sin), every block through decode_layer, the final
+// norm and the output head; it returns (logits [B, V], router logits [L, B, E]).
+//
+// Kept by `mixtral.kernels.decode` for a bound decode loop (make_decode_step), so that a step passes
+// only what changes (tokens, positions, rows, the cache) and not the ~100 weight tensors of the op form
+// (`decode_step`, which builds a plan for one call): on bench-791m that marshalling and the checks of
+// the Python forward cost ~0.5 ms of a ~6.5 ms int4 step, their data cold after 129 MB of weights.
+struct StepPlan : torch::CustomClassHolder {
+  struct Layer {
+    torch::Tensor attention_norm, ffn_norm, gate, w1, w3, w2;
+    std::vector<torch::Tensor> attn_w;
+    c10::List<c10::optional<torch::Tensor>> attn_s;
+    std::vector<int64_t> attn_kind;
+    c10::optional<torch::Tensor> s1, s3, s2;
+    int64_t moe_kind = 0;
+  };
+  torch::Tensor inv_freq, embedding, norm, out_w;
+  c10::optional<torch::Tensor> out_s;
+  int64_t out_kind, n_heads, top_k;
+  double eps;
+  std::vector<Layer> layers;
+
+  StepPlan(torch::Tensor inv_freq_, torch::Tensor embedding_, torch::Tensor norm_, torch::Tensor out_w_,
+           c10::optional<torch::Tensor> out_s_, int64_t out_kind_, double eps_, int64_t n_heads_, int64_t top_k_,
+           std::vector<torch::Tensor> attention_norms, std::vector<torch::Tensor> ffn_norms,
+           std::vector<torch::Tensor> attn_w, c10::List<c10::optional<torch::Tensor>> attn_s,
+           std::vector<int64_t> attn_kind, std::vector<torch::Tensor> gates, std::vector<torch::Tensor> w1,
+           std::vector<torch::Tensor> w3, std::vector<torch::Tensor> w2, c10::List<c10::optional<torch::Tensor>> s1,
+           c10::List<c10::optional<torch::Tensor>> s3, c10::List<c10::optional<torch::Tensor>> s2,
+           std::vector<int64_t> moe_kind)
+      : inv_freq(std::move(inv_freq_)),
+        embedding(std::move(embedding_)),
+        norm(std::move(norm_)),
+        out_w(std::move(out_w_)),
+        out_s(std::move(out_s_)),
+        out_kind(out_kind_),
+        n_heads(n_heads_),
+        top_k(top_k_),
+        eps(eps_) {
+    const int64_t L = static_cast<int64_t>(attention_norms.size());
+    TORCH_CHECK(L > 0 && ffn_norms.size() == size_t(L) && gates.size() == size_t(L) && w1.size() == size_t(L) &&
+                    w3.size() == size_t(L) && w2.size() == size_t(L) && s1.size() == size_t(L) &&
+                    s3.size() == size_t(L) && s2.size() == size_t(L) && moe_kind.size() == size_t(L) &&
+                    attn_w.size() == size_t(4 * L) && attn_s.size() == size_t(4 * L) &&
+                    attn_kind.size() == size_t(4 * L),
+                "one entry per layer in every list (four for attn_w, attn_s, attn_kind)");
+    check_f32(embedding, "embedding", 2);
+    check_f32(norm, "norm", 1);
+    check_f32(inv_freq, "inv_freq", 1);
+    TORCH_CHECK(norm.size(0) == embedding.size(1), "norm must have ", embedding.size(1), " values");
+    layers.resize(L);
+    for (int64_t l = 0; l < L; ++l) {
+      Layer& y = layers[l];
+      y.attention_norm = attention_norms[l], y.ffn_norm = ffn_norms[l], y.gate = gates[l];
+      y.w1 = w1[l], y.w3 = w3[l], y.w2 = w2[l], y.s1 = s1.get(l), y.s3 = s3.get(l), y.s2 = s2.get(l);
+      y.moe_kind = moe_kind[l];
+      y.attn_w.assign(attn_w.begin() + 4 * l, attn_w.begin() + 4 * l + 4);
+      for (int64_t i = 0; i < 4; ++i) y.attn_s.push_back(attn_s.get(4 * l + i));
+      y.attn_kind.assign(attn_kind.begin() + 4 * l, attn_kind.begin() + 4 * l + 4);
+    }
+  }
+
+  std::tuple<torch::Tensor, torch::Tensor> run(torch::Tensor tokens, torch::Tensor positions,
+                                               c10::optional<torch::Tensor> rows, torch::Tensor k_cache,
+                                               torch::Tensor v_cache) const {
+    return step(tokens, positions, rows, k_cache, v_cache, true);
+  }
+
+  // run's logits alone (a decode loop: the router logits are not stacked, nor returned).
+  torch::Tensor logits(torch::Tensor tokens, torch::Tensor positions, torch::Tensor k_cache,
+                       torch::Tensor v_cache) const {
+    return std::get<0>(step(tokens, positions, c10::nullopt, k_cache, v_cache, false));
+  }
+
+ private:
+  std::tuple<torch::Tensor, torch::Tensor> step(const torch::Tensor& tokens, const torch::Tensor& positions,
+                                                const c10::optional<torch::Tensor>& rows,
+                                                const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                                bool with_router) const {
+    const int64_t L = static_cast<int64_t>(layers.size());
+    TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == L && v_cache.sizes() == k_cache.sizes(),
+                "k_cache and v_cache must be [L = ", L, ", R, KV, S, hd], got ", k_cache.sizes(), " and ",
+                v_cache.sizes());
+    TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong && positions.dim() == 1 &&
+                    positions.sizes() == tokens.sizes() && positions.scalar_type() == at::kLong,
+                "tokens and positions must be int64 [B], got ", tokens.sizes(), " and ", positions.sizes());
+    const int64_t B = tokens.size(0), V = embedding.size(0), D = embedding.size(1), S = k_cache.size(3),
+                  hd = k_cache.size(4);
+    TORCH_CHECK(inv_freq.size(0) * 2 == hd, "inv_freq must have head_dim / 2 = ", hd / 2, " values, got ",
+                inv_freq.size(0));
+    auto tok_c = tokens.contiguous(), pos_c = positions.contiguous();
+    const int64_t *tok = tok_c.data_ptr<int64_t>(), *pos = pos_c.data_ptr<int64_t>();
+    auto x = torch::empty({B, D}, embedding.options());
+    auto slots = torch::empty({B}, tokens.options().dtype(at::kLong));
+    auto cos = torch::empty({B, hd}, embedding.options()), sin = torch::empty({B, hd}, embedding.options());
+    const float* invp = inv_freq.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(tok[b] >= 0 && tok[b] < V, "token id ", tok[b], " outside [0, ", V, ")");
+      TORCH_CHECK(pos[b] >= -1 && pos[b] < S - 1, "position ", pos[b], " outside [-1, ", S - 1, ")");
+      std::copy(embedding.data_ptr<float>() + tok[b] * D, embedding.data_ptr<float>() + (tok[b] + 1) * D,
+                x.data_ptr<float>() + b * D);
+      slots.data_ptr<int64_t>()[b] = pos[b] < 0 ? S - 1 : pos[b];
+      const float p = static_cast<float>(std::max<int64_t>(pos[b], 0));
+      for (int64_t i = 0; i < hd / 2; ++i) {
+        const float f = p * invp[i];
+        const float c = std::cos(f), sn = std::sin(f);
+        cos.data_ptr<float>()[b * hd + i] = cos.data_ptr<float>()[b * hd + hd / 2 + i] = c;
+        sin.data_ptr<float>()[b * hd + i] = sin.data_ptr<float>()[b * hd + hd / 2 + i] = sn;
+      }
+    }
+    std::vector<torch::Tensor> router(L);
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& y = layers[l];
+      std::tie(x, router[l]) =
+          decode_layer(x, slots, rows, cos, sin, k_cache.select(0, l), v_cache.select(0, l), y.attention_norm,
+                       y.ffn_norm, eps, y.attn_w, y.attn_s, y.attn_kind, n_heads, y.gate, y.w1, y.w3, y.w2, y.s1,
+                       y.s3, y.s2, y.moe_kind, top_k);
+    }
+    auto xn = torch::empty({B, D}, x.options());
+    for (int64_t b = 0; b < B; ++b)
+      rms_norm(x.data_ptr<float>() + b * D, norm.data_ptr<float>(), static_cast<float>(eps), D,
+               xn.data_ptr<float>() + b * D);
+    return {project(xn, out_w, out_s, out_kind, "output"), with_router ? torch::stack(router) : torch::Tensor()};
+  }
+};
+
+// The op form of a whole decode step: StepPlan's arguments and run's, one call (see StepPlan).
 std::tuple<torch::Tensor, torch::Tensor> decode_step(
     torch::Tensor tokens, torch::Tensor positions, c10::optional<torch::Tensor> rows, torch::Tensor inv_freq,
     torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor embedding, torch::Tensor norm, torch::Tensor out_w,
@@ -320,63 +446,11 @@ std::tuple<torch::Tensor, torch::Tensor> decode_step(
     std::vector<torch::Tensor> w3, std::vector<torch::Tensor> w2, const c10::List<c10::optional<torch::Tensor>>& s1,
     const c10::List<c10::optional<torch::Tensor>>& s3, const c10::List<c10::optional<torch::Tensor>>& s2,
     std::vector<int64_t> moe_kind) {
-  const int64_t L = static_cast<int64_t>(attention_norms.size());
-  TORCH_CHECK(L > 0 && ffn_norms.size() == size_t(L) && gates.size() == size_t(L) && w1.size() == size_t(L) &&
-                  w3.size() == size_t(L) && w2.size() == size_t(L) && s1.size() == size_t(L) &&
-                  s3.size() == size_t(L) && s2.size() == size_t(L) && moe_kind.size() == size_t(L) &&
-                  attn_w.size() == size_t(4 * L) && attn_s.size() == size_t(4 * L) &&
-                  attn_kind.size() == size_t(4 * L),
-              "one entry per layer in every list (four for attn_w, attn_s, attn_kind)");
-  TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == L && v_cache.sizes() == k_cache.sizes(),
-              "k_cache and v_cache must be [L = ", L, ", R, KV, S, hd], got ", k_cache.sizes(), " and ",
-              v_cache.sizes());
-  check_f32(embedding, "embedding", 2);
-  check_f32(norm, "norm", 1);
-  check_f32(inv_freq, "inv_freq", 1);
-  TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong && positions.dim() == 1 &&
-                  positions.sizes() == tokens.sizes() && positions.scalar_type() == at::kLong,
-              "tokens and positions must be int64 [B], got ", tokens.sizes(), " and ", positions.sizes());
-  const int64_t B = tokens.size(0), V = embedding.size(0), D = embedding.size(1), S = k_cache.size(3),
-                hd = k_cache.size(4);
-  TORCH_CHECK(inv_freq.size(0) * 2 == hd, "inv_freq must have head_dim / 2 = ", hd / 2, " values, got ",
-              inv_freq.size(0));
-  TORCH_CHECK(norm.size(0) == D, "norm must have ", D, " values");
-  auto tok_c = tokens.contiguous(), pos_c = positions.contiguous();
-  const int64_t *tok = tok_c.data_ptr<int64_t>(), *pos = pos_c.data_ptr<int64_t>();
-  auto x = torch::empty({B, D}, embedding.options());
-  auto slots = torch::empty({B}, tokens.options().dtype(at::kLong));
-  auto cos = torch::empty({B, hd}, embedding.options()), sin = torch::empty({B, hd}, embedding.options());
-  const float* invp = inv_freq.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(tok[b] >= 0 && tok[b] < V, "token id ", tok[b], " outside [0, ", V, ")");
-    TORCH_CHECK(pos[b] >= -1 && pos[b] < S - 1, "position ", pos[b], " outside [-1, ", S - 1, ")");
-    std::copy(embedding.data_ptr<float>() + tok[b] * D, embedding.data_ptr<float>() + (tok[b] + 1) * D,
-              x.data_ptr<float>() + b * D);
-    slots.data_ptr<int64_t>()[b] = pos[b] < 0 ? S - 1 : pos[b];
-    const float p = static_cast<float>(std::max<int64_t>(pos[b], 0));
-    for (int64_t i = 0; i < hd / 2; ++i) {
-      const float f = p * invp[i];
-      const float c = std::cos(f), sn = std::sin(f);
-      cos.data_ptr<float>()[b * hd + i] = cos.data_ptr<float>()[b * hd + hd / 2 + i] = c;
-      sin.data_ptr<float>()[b * hd + i] = sin.data_ptr<float>()[b * hd + hd / 2 + i] = sn;
-    }
-  }
-  std::vector<torch::Tensor> router(L);
-  for (int64_t l = 0; l < L; ++l) {
-    std::vector<torch::Tensor> aw(attn_w.begin() + 4 * l, attn_w.begin() + 4 * l + 4);
-    c10::List<c10::optional<torch::Tensor>> as;
-    for (int64_t i = 0; i < 4; ++i) as.push_back(attn_s.get(4 * l + i));
-    std::vector<int64_t> ak(attn_kind.begin() + 4 * l, attn_kind.begin() + 4 * l + 4);
-    std::tie(x, router[l]) =
-        decode_layer(x, slots, rows, cos, sin, k_cache.select(0, l), v_cache.select(0, l), attention_norms[l],
-                     ffn_norms[l], eps, std::move(aw), as, std::move(ak), n_heads, gates[l], w1[l], w3[l], w2[l],
-                     s1.get(l), s3.get(l), s2.get(l), moe_kind[l], top_k);
-  }
-  auto xn = torch::empty({B, D}, x.options());
-  for (int64_t b = 0; b < B; ++b)
-    rms_norm(x.data_ptr<float>() + b * D, norm.data_ptr<float>(), static_cast<float>(eps), D,
-             xn.data_ptr<float>() + b * D);
-  return {project(xn, out_w, out_s, out_kind, "output"), torch::stack(router)};
+  const StepPlan plan(std::move(inv_freq), std::move(embedding), std::move(norm), std::move(out_w), std::move(out_s),
+                      out_kind, eps, n_heads, top_k, std::move(attention_norms), std::move(ffn_norms),
+                      std::move(attn_w), attn_s, std::move(attn_kind), std::move(gates), std::move(w1), std::move(w3),
+                      std::move(w2), s1, s3, s2, std::move(moe_kind));
+  return plan.run(std::move(tokens), std::move(positions), std::move(rows), std::move(k_cache), std::move(v_cache));
 }
 
 TORCH_LIBRARY_FRAGMENT(mixtral_cpu, m) {
@@ -391,6 +465,16 @@ TORCH_LIBRARY_FRAGMENT(mixtral_cpu, m) {
       "int n_heads, int top_k, Tensor[] attention_norms, Tensor[] ffn_norms, Tensor[] attn_w, Tensor?[] attn_s, "
       "int[] attn_kind, Tensor[] gates, Tensor[] w1, Tensor[] w3, Tensor[] w2, Tensor?[] s1, Tensor?[] s3, "
       "Tensor?[] s2, int[] moe_kind) -> (Tensor, Tensor)");
+  m.class_<StepPlan>("StepPlan")
+      .def(torch::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
+                       int64_t, double, int64_t, int64_t, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                       std::vector<torch::Tensor>, c10::List<c10::optional<torch::Tensor>>, std::vector<int64_t>,
+                       std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                       std::vector<torch::Tensor>, c10::List<c10::optional<torch::Tensor>>,
+                       c10::List<c10::optional<torch::Tensor>>, c10::List<c10::optional<torch::Tensor>>,
+                       std::vector<int64_t>>())
+      .def("run", &StepPlan::run)
+      .def("logits", &StepPlan::logits);
 }
 
 TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {

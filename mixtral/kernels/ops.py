@@ -30,6 +30,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -337,3 +338,42 @@ def decode_step(
         tokens, positions, rows, inv_freq, k_cache, v_cache, embedding, norm, out_w, out_s, out_kind, eps,
         n_heads, top_k, *layers,
     )  # fmt: skip
+
+
+def step_plan(
+    inv_freq: torch.Tensor,
+    embedding: torch.Tensor,
+    norm: torch.Tensor,
+    out_w: torch.Tensor,
+    out_s: torch.Tensor | None,
+    out_kind: int,
+    eps: float,
+    n_heads: int,
+    top_k: int,
+    layers: tuple[list, ...],
+) -> torch.ScriptObject:
+    """`decode_step`'s weights (everything after the cache) taken once: a `StepPlan` whose
+    `run_plan(plan, tokens, positions, rows, k_cache, v_cache)` is that step."""
+    if not available():
+        raise RuntimeError("the CPU kernels are not built here (see mixtral.kernels.ops.available)")
+    return torch.classes.mixtral_cpu.StepPlan(
+        inv_freq, embedding, norm, out_w, out_s, out_kind, eps, n_heads, top_k, *layers
+    )
+
+
+def run_plan(
+    plan: torch.ScriptObject,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    rows: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_step` with the weights of `plan`: (logits [B, V], router logits [L, B, E])."""
+    return plan.run(tokens, positions, rows, k_cache, v_cache)
+
+
+def plan_logits(plan: torch.ScriptObject) -> Callable[..., torch.Tensor]:
+    """`plan`'s step for a decode loop, looked up once: (tokens, positions, k_cache, v_cache) -> logits
+    [B, V] (the batch's rows are the cache's; no router logits)."""
+    return plan.logits

@@ -13,7 +13,7 @@ from helpers import tiny_config
 
 from mixtral.inference import GenerationConfig, generate_ids
 from mixtral.inference.engine import Engine
-from mixtral.kernels import apply_kernels, ops
+from mixtral.kernels import apply_kernels, ops, policy
 from mixtral.kernels.decode import FUSED_DECODE, FUSED_STEP
 from mixtral.model import Transformer
 from mixtral.model.cache import KVCache, LayerCache
@@ -162,7 +162,9 @@ def test_generate_and_engine_give_the_same_tokens(count_calls):
     python = tokens(None)
     for mode in ("block", "step"):
         assert tokens(mode) == python, mode
-    assert count_calls["decode_layer"] > 0 and count_calls["decode_step"] > 0
+    # "block": one op call per block; "step": generate_ids binds a StepPlan, no op call
+    assert count_calls["decode_layer"] > 0 and count_calls["decode_step"] == 0
+    assert FUSED_STEP.bind(model, KVCache.allocate(model.config, len(prompts), 8)) is not None
 
     tok = load_tokenizer(None)
     out = {}
@@ -345,3 +347,120 @@ def test_schemas_and_fakes_of_the_fused_ops():
         *step.layers,
     )
     torch.library.opcheck(torch.ops.mixtral_cpu.decode_step.default, step_args, test_utils=checks)
+
+
+def _left_padded(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of lengths 7, 4, 6, ... left-padded as generate_ids pads them (position -1)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 97, (batch, 7), generator=g)
+    positions = torch.arange(7).repeat(batch, 1)
+    for b in range(1, batch):
+        positions[b, : b % 4] = -1
+        positions[b] = torch.where(positions[b] < 0, -1, positions[b] - b % 4)
+    return tokens, positions
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("storage", ["int4", None, "int8"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bound_step_equals_the_forward_step(storage, batch, count_calls):
+    """make_decode_step's bound `StepPlan` against the model's forward (the `decode_step` op): the same
+    logits bit for bit, the same cache contents and length, and no forward or op call of its own."""
+    from mixtral.inference import make_decode_step
+    from mixtral.inference.generate import decode_one_token
+
+    model = build(storage)
+    tokens, positions = _left_padded(batch, seed=batch)
+    caches, logits = [], []
+    for bound in (False, True):
+        cache = KVCache.allocate(model.config, batch, 7 + 9)
+        model(tokens, cache, positions, keep_logits=1)
+        step = make_decode_step(model, cache) if bound else (
+            lambda t, p, cache=cache: decode_one_token(model, t, p, cache))  # fmt: skip
+        before = dict(count_calls)
+        tok, pos, got = torch.tensor([3] * batch), positions[:, -1] + 1, []
+        for _ in range(9):
+            out = step(tok, pos)
+            got.append(out)
+            tok, pos = out.argmax(-1), pos + 1
+        calls = {k: count_calls[k] - before[k] for k in count_calls}
+        assert calls == (
+            {"decode_layer": 0, "decode_step": 0} if bound else {"decode_layer": 0, "decode_step": 9}
+        )
+        caches.append(cache)
+        logits.append(got)
+    for a, b in zip(*logits, strict=True):
+        assert torch.equal(a, b)
+    assert caches[0].length == caches[1].length == 16
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+
+
+@torch.no_grad()
+def test_plan_equals_the_op_with_rows_and_router_logits():
+    """StepPlan.run (a serving engine's rows, the router logits) equals the one-call op."""
+    model = build("int4", n_layers=3)
+    args = FUSED_STEP._build(model)
+    plan = ops.step_plan(*args)
+    cache = KVCache.allocate(model.config, 4, 12)
+    cache.k.normal_()
+    cache.v.normal_()
+    tokens, positions, rows = torch.tensor([3, 50, 7]), torch.tensor([4, -1, 9]), torch.tensor([2, 0, 3])
+    outs = []
+    for call in ("op", "plan"):
+        k, v = cache.k.clone(), cache.v.clone()
+        if call == "op":
+            got = ops.decode_step(tokens, positions, rows, args.inv_freq, k, v, *args[1:-1], args.layers)
+        else:
+            got = ops.run_plan(plan, tokens, positions, rows, k, v)
+        outs.append((*got, k, v))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    assert outs[0][1].shape == (3, 3, model.config.n_experts)
+    with pytest.raises(RuntimeError, match="one entry per layer"):
+        ops.step_plan(*args[:-1], tuple(lst[:1] for lst in args.layers[:-1]) + (args.layers[-1],))
+
+
+@torch.no_grad()
+def test_bound_step_errors_and_hand_back():
+    """A full or replaced cache, a bad token id: clear errors. Where the whole step cannot run in C++
+    (a custom dispatcher, too many rows, training) no step is bound and the forward runs instead."""
+    from mixtral.errors import GenerationError
+    from mixtral.inference import make_decode_step
+
+    model = build("int4")
+    cache = KVCache.allocate(model.config, 1, 3)
+    step = make_decode_step(model, cache)  # bound: the op's own error below, not the forward's ValueError
+    tok, pos = torch.tensor([3]), torch.tensor([0])
+    with pytest.raises(RuntimeError, match="token id 97 outside"):
+        step(torch.tensor([97]), pos)
+    for i in range(3):
+        step(tok, pos + i)
+    with pytest.raises(GenerationError, match="exceed the cache length of 3"):
+        step(tok, pos + 3)
+    cache.k = cache.k.clone()
+    with pytest.raises(GenerationError, match="KV cache was replaced"):
+        step(tok, pos)
+
+    assert FUSED_STEP.bind(model, KVCache.allocate(model.config, policy.KERNEL_MAX_ROWS + 1, 4)) is None
+    model.layers[1].feed_forward.dispatcher = SortedDispatch()
+    assert FUSED_STEP.bind(model, cache) is None
+    apply_kernels(model)
+    model.train()
+    assert FUSED_STEP.bind(model, cache) is None
+
+
+@torch.no_grad()
+def test_generate_ids_binds_each_request_to_the_weights_it_has():
+    """The bound step keeps the weights it was bound with; generate_ids binds one per request, so a
+    quantization between requests is seen (tokens equal the blocks' Python path each time)."""
+    model = build(None)
+    prompts = [[1, 5, 9, 200 % 97], [1, 7]]
+
+    def tokens(mode):
+        set_fused(model, mode)
+        return list(generate_ids(model, prompts, max_new_tokens=8))
+
+    assert tokens("step") == tokens(None)
+    quantize_model(model, "int4", ("experts", "attention"))
+    apply_kernels(model)
+    assert tokens("step") == tokens(None)

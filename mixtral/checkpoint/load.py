@@ -17,6 +17,7 @@ from mixtral.checkpoint.safetensors_io import check_dtype
 from mixtral.checkpoint.table import our_shapes
 from mixtral.config import MixtralConfig
 from mixtral.kernels import apply_kernels
+from mixtral.kernels.hugepages import move_to_huge_pages
 from mixtral.model.transformer import Transformer
 
 
@@ -58,12 +59,15 @@ def load_model(
     device: str | torch.device = "cpu",
     check_finite: bool = True,
     kernels: bool = True,
+    huge_pages: bool = True,
 ) -> Transformer:
     """Our Transformer with a checkpoint's weights (HF, Mistral or our quantized format, detected).
 
     `model.checkpoint_path` records `path` (save_model copies its tokenizer from there).
     `kernels` applies the CPU decode fast paths (`mixtral.kernels.apply_kernels`); they change
     speed, not results (each is tested equal to its torch reference), and step aside for training.
+    `huge_pages` moves the large weights of a CPU model into transparent huge pages where Linux
+    offers them (`mixtral.kernels.hugepages`): fewer page walks for a decode step that streams them.
     """
     check_dtype(dtype)
     from mixtral.checkpoint.quantized import load_quantized, quant_layout  # it builds on this module
@@ -77,4 +81,6 @@ def load_model(
         model.checkpoint_path = Path(path)  # where its tokenizer is, for save_model
     if kernels:
         apply_kernels(model)
+    if huge_pages and torch.device(device).type == "cpu":
+        move_to_huge_pages(model)
     return model

@@ -132,6 +132,10 @@ def load_offloaded(
         from mixtral.kernels import apply_kernels
 
         apply_kernels(model)
+    if torch.device(device).type == "cpu":  # the resident matrices, streamed every step
+        from mixtral.kernels.hugepages import move_to_huge_pages
+
+        move_to_huge_pages(model)
     layers = list(model.layers)
     for i, layer in enumerate(layers):
         moe = layer.feed_forward

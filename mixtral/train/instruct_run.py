@@ -324,7 +324,10 @@ def run_instruct(
             lock.claim()
             write_json(out / "run.json", info)
         note(f"loading {model_path} and tokenizing {train_path.name}", progress)
-        model = load_model(model_path, device=dev, kernels=dev.type == "cpu" and layout is None)
+        # Plain tensors for training (FSDP2 reshards them); huge pages are for decode's weight streaming.
+        model = load_model(
+            model_path, device=dev, kernels=dev.type == "cpu" and layout is None, huge_pages=False
+        )
         tok = load_tokenizer(model_path)
         examples, counts = k.tokenize(tok, k.read(train_path), icfg.max_len)
         if kind == "dpo":

@@ -12,6 +12,7 @@ elsewhere nothing moves. Values and results are unchanged: the same bytes, in ot
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
@@ -93,7 +94,5 @@ def move_to_huge_pages(model: nn.Module, min_bytes: int = MIN_BYTES) -> int:
 def _trim_heap() -> None:
     """Give the heap's free pages back to the OS (glibc's malloc_trim): the tensors just replaced may
     have come from the heap, whose freed pages glibc otherwise keeps (RSS would hold both copies)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator returns memory itself
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim, or its allocator returns memory itself

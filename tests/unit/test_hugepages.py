@@ -18,7 +18,9 @@ MiB = 1 << 20
 def huge_kb_at(address: int) -> int:
     """AnonHugePages (kB) of the mapping of this process holding `address`."""
     inside = False
-    for line in open("/proc/self/smaps"):
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for line in lines:
         fields = line.split()
         if "-" in fields[0] and not fields[0].endswith(":"):
             lo, hi = (int(x, 16) for x in fields[0].split("-"))

@@ -226,6 +226,8 @@ def generate_ids(
     B, T = tokens.shape
     cache = KVCache.allocate(model.config, B, T + max_new_tokens, dtype=dtype, device=device, static=compile)
     decode = make_decode_step(model, cache, compile)
+    # A bound C++ step also gives the greedy tokens directly (its argmax while the logits are in cache).
+    greedy = getattr(decode, "greedy", None) if params.greedy else None
     generator = params.generator(device)
     stats.prompt_tokens += sum(len(p) for p in prompts)
 
@@ -246,7 +248,10 @@ def generate_ids(
         if all(done) or step == max_new_tokens - 1:
             return
         t0 = time.perf_counter()
-        next_B = sample(decode(next_B, position_B), params, generator)
+        if greedy is not None:
+            next_B = greedy(next_B, position_B)
+        else:
+            next_B = sample(decode(next_B, position_B), params, generator)
         position_B = position_B + 1
         stats.decode_seconds += time.perf_counter() - t0
 

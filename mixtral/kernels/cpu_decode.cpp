@@ -144,6 +144,41 @@ void attend(const float* q, const float* K, const float* V, int64_t n, int64_t h
   for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
 }
 
+// The index of the first largest of x[0..n) (n >= 1), a NaN counting as largest (the first NaN wins),
+// as torch.argmax: a greedy step's token from logits still in cache.
+int64_t first_argmax(const float* x, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n && !nan; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, v);
+  }
+  if (nan) return i - 16 + __builtin_ctz(nan);
+  float m = _mm512_reduce_max_ps(mx);
+  for (int64_t j = i; j < n; ++j) {
+    if (std::isnan(x[j])) return j;
+    m = std::max(m, x[j]);
+  }
+  const __m512 mv = _mm512_set1_ps(m);
+  for (int64_t j = 0; j + 16 <= n; j += 16)
+    if (const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), mv, _CMP_EQ_OQ)) return j + __builtin_ctz(eq);
+  for (int64_t j = n / 16 * 16; j < n; ++j)
+    if (x[j] == m) return j;
+  return 0;  // unreachable: m is one of the values
+#else
+  int64_t best = 0;
+  if (std::isnan(x[0])) return 0;
+  for (int64_t j = 1; j < n; ++j) {
+    if (std::isnan(x[j])) return j;
+    if (x[j] > x[best]) best = j;
+  }
+  return best;
+#endif
+}
+
 void check_f32(const torch::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == dim && t.is_contiguous(), name,
               " must be a contiguous float32 tensor with ", dim, " dimensions, got ", t.scalar_type(), " of shape ",
@@ -383,6 +418,17 @@ struct StepPlan : torch::CustomClassHolder {
     return std::get<0>(step(tokens, positions, c10::nullopt, k_cache, v_cache, false));
   }
 
+  // logits' greedy next tokens [B] (int64): each row's first largest logit, as torch.argmax picks it.
+  torch::Tensor greedy(torch::Tensor tokens, torch::Tensor positions, torch::Tensor k_cache,
+                       torch::Tensor v_cache) const {
+    const auto lg = logits(tokens, positions, k_cache, v_cache);
+    const int64_t B = lg.size(0), V = lg.size(1);
+    auto ids = torch::empty({B}, lg.options().dtype(at::kLong));
+    TORCH_CHECK(V > 0, "the output head has no rows");
+    for (int64_t b = 0; b < B; ++b) ids.data_ptr<int64_t>()[b] = first_argmax(lg.data_ptr<float>() + b * V, V);
+    return ids;
+  }
+
  private:
   std::tuple<torch::Tensor, torch::Tensor> step(const torch::Tensor& tokens, const torch::Tensor& positions,
                                                 const c10::optional<torch::Tensor>& rows,
@@ -474,7 +520,8 @@ TORCH_LIBRARY_FRAGMENT(mixtral_cpu, m) {
                        c10::List<c10::optional<torch::Tensor>>, c10::List<c10::optional<torch::Tensor>>,
                        std::vector<int64_t>>())
       .def("run", &StepPlan::run)
-      .def("logits", &StepPlan::logits);
+      .def("logits", &StepPlan::logits)
+      .def("greedy", &StepPlan::greedy);
 }
 
 TORCH_LIBRARY_IMPL(mixtral_cpu, CPU, m) {

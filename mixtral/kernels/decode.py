@@ -250,8 +250,9 @@ class FusedStep:
 
     def bind(self, model: nn.Module, cache) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
         """A decode loop's step (`make_decode_step`) with the model's weights taken now, as a `StepPlan`:
-        (token_B, position_B) -> logits [B, V], writing the cache and advancing `cache.length`; None
-        where `__call__` would hand back (then the loop runs the model's forward).
+        (token_B, position_B) -> logits [B, V], writing the cache and advancing `cache.length`, and as
+        `step.greedy` the same step returning the greedy tokens [B]; None where `__call__` would hand
+        back (then the loop runs the model's forward).
 
         Per step it skips what the forward and `__call__` redo every time: the watch over the model's
         modules, the forward's input checks (the op still checks ids and positions) and the marshalling
@@ -269,20 +270,33 @@ class FusedStep:
         # Every Python operation of a step runs with its code and data evicted by the weights (~20x
         # its warm cost): the step is kept to a few. No grad mode: the plan's method is no op that
         # autograd sees, and its results require no grad.
-        logits_of = ops.plan_logits(ops.step_plan(*args))
+        logits_of, greedy_of = ops.plan_steps(ops.step_plan(*args))
         k_cache, v_cache, max_len = cache.k, cache.v, cache.max_len
+
+        def refuse() -> None:
+            raise GenerationError(
+                f"{cache.length} cached + 1 new token exceed the cache length of {max_len}"
+                if cache.k is k_cache
+                else "the KV cache was replaced after this decode step was bound to it"
+            )
 
         def step(token_B: torch.Tensor, position_B: torch.Tensor) -> torch.Tensor:
             if cache.length >= max_len or cache.k is not k_cache:
-                raise GenerationError(
-                    f"{cache.length} cached + 1 new token exceed the cache length of {max_len}"
-                    if cache.k is k_cache
-                    else "the KV cache was replaced after this decode step was bound to it"
-                )
+                refuse()
             logits = logits_of(token_B, position_B, k_cache, v_cache)
             cache.length += 1
             return logits
 
+        def greedy(token_B: torch.Tensor, position_B: torch.Tensor) -> torch.Tensor:
+            """step's greedy next tokens [B] (== step(...).argmax(-1)), the argmax taken in C++ while the
+            logits are in cache: a separate torch.argmax costs ~100 µs a step, its code cold."""
+            if cache.length >= max_len or cache.k is not k_cache:
+                refuse()
+            ids = greedy_of(token_B, position_B, k_cache, v_cache)
+            cache.length += 1
+            return ids
+
+        step.greedy = greedy  # type: ignore[attr-defined]
         return step
 
     @staticmethod

@@ -373,7 +373,8 @@ def run_plan(
     return plan.run(tokens, positions, rows, k_cache, v_cache)
 
 
-def plan_logits(plan: torch.ScriptObject) -> Callable[..., torch.Tensor]:
-    """`plan`'s step for a decode loop, looked up once: (tokens, positions, k_cache, v_cache) -> logits
-    [B, V] (the batch's rows are the cache's; no router logits)."""
-    return plan.logits
+def plan_steps(plan: torch.ScriptObject) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """`plan`'s steps for a decode loop, looked up once, each (tokens, positions, k_cache, v_cache) with
+    the batch's rows the cache's: the logits [B, V] (no router logits), and the greedy next tokens [B]
+    int64 (each row's first largest logit, as torch.argmax)."""
+    return plan.logits, plan.greedy

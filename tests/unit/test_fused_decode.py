@@ -7,6 +7,8 @@ and greedy tokens; then the cases where it must hand back to the Python path, an
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from helpers import tiny_config
@@ -464,3 +466,69 @@ def test_generate_ids_binds_each_request_to_the_weights_it_has():
     quantize_model(model, "int4", ("experts", "attention"))
     apply_kernels(model)
     assert tokens("step") == tokens(None)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bound_greedy_step_equals_argmax_of_its_logits(batch):
+    """step.greedy: the step's tokens straight from C++, equal to torch.argmax of the same step's logits,
+    also on ties, NaN and infinities in the logits (an output head set to produce them)."""
+    from mixtral.inference import make_decode_step
+
+    model = build("int4", vocab_size=97)
+    tokens, positions = _left_padded(batch, seed=7)
+    runs = []
+    for greedy in (False, True):
+        cache = KVCache.allocate(model.config, batch, 7 + 6)
+        model(tokens, cache, positions, keep_logits=1)
+        step = make_decode_step(model, cache)
+        tok, pos, got = torch.tensor([3] * batch), positions[:, -1] + 1, []
+        for _ in range(6):
+            tok = step.greedy(tok, pos) if greedy else step(tok, pos).argmax(-1)
+            got.append(tok)
+            pos = pos + 1
+        runs.append(got)
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+    # Chosen logits: a float output head reading only hn[0] (logit r = hn[0] · w[r, 0]), its sign s found
+    # first; then a tie (10 before 40), +inf (at 5) and NaN (at 2, which torch.argmax ranks first).
+    model = build(None, vocab_size=97)
+    w = model.output.weight
+    w.zero_()
+    w[:, 0] = 1.0
+    cache = KVCache.allocate(model.config, 1, 8)
+    step = make_decode_step(model, cache)
+
+    def both() -> tuple[int, int]:
+        cache.length = 0
+        logits = step(torch.tensor([3]), torch.tensor([0]))
+        cache.length = 0
+        return int(step.greedy(torch.tensor([3]), torch.tensor([0]))), int(logits.argmax(-1))
+
+    cache.length = 0
+    s = float(step(torch.tensor([3]), torch.tensor([0]))[0, 0].sign())
+    assert s != 0
+    w[:, 0] = s
+    w[10, 0] = w[40, 0] = 2 * s
+    assert both() == (10, 10)
+    w[5, 0] = s * float("inf")
+    assert both() == (5, 5)
+    w[2, 0] = float("nan")
+    assert both() == (2, 2)
+    w[:, 0] = -s * float("inf")  # every logit -inf: the first
+    assert both() == (0, 0)
+
+
+def test_generate_ids_greedy_through_the_bound_step(monkeypatch):
+    """Greedy generate_ids takes its tokens from step.greedy, the same as sampling the logits."""
+    generate_mod = sys.modules["mixtral.inference.generate"]  # the package exports a `generate` function
+    model = build("int4", vocab_size=97)
+    prompts = [[1, 5, 9, 20], [1, 7]]
+    with_greedy = list(generate_ids(model, prompts, max_new_tokens=9))
+    calls = []
+    real = generate_mod.sample
+    monkeypatch.setattr(generate_mod, "sample", lambda *a: calls.append(1) or real(*a))
+    assert list(generate_ids(model, prompts, max_new_tokens=9)) == with_greedy
+    assert len(calls) == 1  # after prefill only: every decode step took step.greedy
+    set_fused(model, None)  # the modules' forward and torch.argmax
+    assert list(generate_ids(model, prompts, max_new_tokens=9)) == with_greedy

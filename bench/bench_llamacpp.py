@@ -14,6 +14,10 @@ it as a cross-check. Both KV caches are fp32. The quantized cases run the very s
 sides: `mixtral quantize` writes int8 / int4 groups of 32 (experts, attention, output head; the
 embedding and router stay float), ours loads that checkpoint, and llama.cpp its GGUF export, whose
 Q8_0 / Q4_0 blocks are the stored bytes.
+Each side loads its weights its own default way: ours `load_model` (large matrices copied into
+transparent huge pages where Linux offers them, mixtral/kernels/hugepages.py), llama.cpp an mmap of
+the GGUF (the page cache's 4 KiB pages); the JSON line records which (`weights_pages`). Ours decodes
+through `generate_ids`, i.e. the step bound once (`make_decode_step`) and its greedy tokens from C++.
 The quantized rows also report first-step logit differences and greedy agreement with ours fp32;
 with random weights these are dominated by expert-routing flips (the router's top-2 logits are
 near ties), so they show that a flip happened, not how good the quantization is.
@@ -47,6 +51,7 @@ from mixtral.checkpoint import load_model, read_config, save_model
 from mixtral.checkpoint.gguf_export import export_gguf
 from mixtral.config import get_preset
 from mixtral.inference import GenerationStats, generate_ids
+from mixtral.kernels.hugepages import huge_pages_available
 from mixtral.model import Transformer
 from mixtral.text.tokenizer import load_tokenizer
 
@@ -240,6 +245,8 @@ def main() -> None:
             theirs.close()
 
     extra = {"export_s": export_s, "kv_cache": "fp32 both",
+             "weights_pages": {"ours": "2 MiB (THP)" if huge_pages_available() else "4 KiB",
+                               "llama_cpp": "4 KiB (mmap of the GGUF)"},
              "quantized_targets": ["experts", "attention", "output"],
              "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}  # fmt: skip
     report(args, cfg, rows, extra)

@@ -58,8 +58,8 @@ def move_to_huge_pages(model: nn.Module, min_bytes: int = MIN_BYTES) -> int:
     """Copy each CPU parameter and buffer of `model` of at least `min_bytes` (contiguous, owning its
     whole storage; not an embedding's) into `empty_huge` memory, in place of the old one (Parameters stay Parameters,
     with their requires_grad; a tensor held in two places stays one). Returns the bytes moved: 0
-    where huge pages are not available. One tensor is copied at a time, so memory grows by at most
-    the largest while this runs."""
+    where huge pages are not available. One tensor is copied at a time and the old one's memory given
+    back before the next, so the peak RSS grows by about the largest tensor moved."""
     if not huge_pages_available():
         return 0
     # Keyed by the old memory's address: a tensor held in two places is still alive (and still
@@ -86,8 +86,8 @@ def move_to_huge_pages(model: nn.Module, min_bytes: int = MIN_BYTES) -> int:
                 )
                 slots[name] = moved[key] = new
                 total += t.nbytes
-    if total:
-        _trim_heap()
+                del t, data, new
+                _trim_heap()  # each time: freed heap pages stay resident otherwise, and RSS would peak
     return total
 
 

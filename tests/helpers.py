@@ -230,11 +230,14 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 240, e
     """Run `script` (a tests/distributed worker, a path, or "-m" with a module in `args`) under
     `torchrun --standalone` with `nproc`
     processes (gloo on CPU), the way a user starts a job; returns the CompletedProcess (stdout and
-    stderr together). The whole process group is killed if it outlives `timeout` or the test fails."""
+    stderr together). The whole process group is killed if it outlives `timeout` or the test fails.
+    The job's temporary files (torchrun's own torchelastic_* log directory) go to a directory of its
+    own, removed after."""
     import os
     import signal
     import subprocess
     import sys
+    import tempfile
 
     target = (
         [str(script)]
@@ -243,14 +246,16 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 240, e
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target,
            *map(str, args)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with tempfile.TemporaryDirectory(prefix="mixtral-torchrun-") as scratch:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": scratch, **(env or {})})  # fmt: skip
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     return subprocess.CompletedProcess(cmd, proc.returncode, out)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import mmap
 from pathlib import Path
 
@@ -91,8 +92,17 @@ def move_to_huge_pages(model: nn.Module, min_bytes: int = MIN_BYTES) -> int:
     return total
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library: its allocator returns memory itself). Looked up
+    once: find_library runs ldconfig."""
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    return None
+
+
 def _trim_heap() -> None:
     """Give the heap's free pages back to the OS (glibc's malloc_trim): the tensors just replaced may
     have come from the heap, whose freed pages glibc otherwise keeps (RSS would hold both copies)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator returns memory itself
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    if (trim := _malloc_trim()) is not None:
+        trim(0)

@@ -234,12 +234,8 @@ class FusedStep:
 
     def __call__(self, model: nn.Module, tokens, positions, k_cache, v_cache, rows):
         B = tokens.shape[0]
-        if B > policy.KERNEL_MAX_ROWS or tokens.device.type != "cpu" or k_cache.dtype != torch.float32:
-            return None
-        if model.training or torch.compiler.is_compiling():
-            return None
-        args = _kept(model, "_fused_step_args", self._build)
-        if args is None or B * args.top_k > policy.KERNEL_MAX_SLOTS or not ops.available():
+        args = self._args(model, B, tokens.device, k_cache.dtype)
+        if args is None:
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
             return None
@@ -259,13 +255,8 @@ class FusedStep:
         of ~100 weight tensors; ~0.5 ms of a ~6.5 ms bench-791m int4 step, the interpreter's data being
         cold after the weights streamed through. So the step keeps the weights it was bound with: a
         model changed after binding needs a new step (`generate_ids` binds one per request)."""
-        B = cache.k.shape[1]
-        if B > policy.KERNEL_MAX_ROWS or cache.k.device.type != "cpu" or cache.k.dtype != torch.float32:
-            return None
-        if model.training or torch.compiler.is_compiling():
-            return None
-        args = _kept(model, "_fused_step_args", self._build)
-        if args is None or B * args.top_k > policy.KERNEL_MAX_SLOTS or not ops.available():
+        args = self._args(model, cache.k.shape[1], cache.k.device, cache.k.dtype)
+        if args is None:
             return None
         # Every Python operation of a step runs with its code and data evicted by the weights (~20x
         # its warm cost): the step is kept to a few. No grad mode: the plan's method is no op that
@@ -298,6 +289,20 @@ class FusedStep:
 
         step.greedy = greedy  # type: ignore[attr-defined]
         return step
+
+    def _args(
+        self, model: nn.Module, B: int, device: torch.device, cache_dtype: torch.dtype
+    ) -> StepArgs | None:
+        """The model's kept step arguments if a step of B rows on a cache of this device and dtype can
+        run whole in C++ (autograd aside: `__call__` checks it, a bound step runs without it), else None."""
+        if B > policy.KERNEL_MAX_ROWS or device.type != "cpu" or cache_dtype != torch.float32:
+            return None
+        if model.training or torch.compiler.is_compiling():
+            return None
+        args = _kept(model, "_fused_step_args", self._build)
+        if args is None or B * args.top_k > policy.KERNEL_MAX_SLOTS or not ops.available():
+            return None
+        return args
 
     @staticmethod
     def _build(model: nn.Module) -> StepArgs | None:

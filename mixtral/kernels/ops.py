@@ -340,37 +340,14 @@ def decode_step(
     )  # fmt: skip
 
 
-def step_plan(
-    inv_freq: torch.Tensor,
-    embedding: torch.Tensor,
-    norm: torch.Tensor,
-    out_w: torch.Tensor,
-    out_s: torch.Tensor | None,
-    out_kind: int,
-    eps: float,
-    n_heads: int,
-    top_k: int,
-    layers: tuple[list, ...],
-) -> torch.ScriptObject:
-    """`decode_step`'s weights (everything after the cache) taken once: a `StepPlan` whose
-    `run_plan(plan, tokens, positions, rows, k_cache, v_cache)` is that step."""
+def step_plan(*weights: object) -> torch.ScriptObject:
+    """`decode_step`'s arguments after the cache (inv_freq through `layers`, as
+    `mixtral.kernels.decode.StepArgs` holds them) taken once: a `StepPlan`. `plan.run(tokens, positions,
+    rows, k_cache, v_cache)` is `decode_step` with those weights; `plan_steps` gives a decode loop's."""
     if not available():
         raise RuntimeError("the CPU kernels are not built here (see mixtral.kernels.ops.available)")
-    return torch.classes.mixtral_cpu.StepPlan(
-        inv_freq, embedding, norm, out_w, out_s, out_kind, eps, n_heads, top_k, *layers
-    )
-
-
-def run_plan(
-    plan: torch.ScriptObject,
-    tokens: torch.Tensor,
-    positions: torch.Tensor,
-    rows: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`decode_step` with the weights of `plan`: (logits [B, V], router logits [L, B, E])."""
-    return plan.run(tokens, positions, rows, k_cache, v_cache)
+    *head, layers = weights
+    return torch.classes.mixtral_cpu.StepPlan(*head, *layers)
 
 
 def plan_steps(plan: torch.ScriptObject) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:

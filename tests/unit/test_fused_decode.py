@@ -413,7 +413,7 @@ def test_plan_equals_the_op_with_rows_and_router_logits():
         if call == "op":
             got = ops.decode_step(tokens, positions, rows, args.inv_freq, k, v, *args[1:-1], args.layers)
         else:
-            got = ops.run_plan(plan, tokens, positions, rows, k, v)
+            got = plan.run(tokens, positions, rows, k, v)
         outs.append((*got, k, v))
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
